@@ -1,0 +1,3 @@
+"""fedkube: federated learning as a Kubernetes resource."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""The contract between the operator (or ``fedkube run``) and the pods it starts.
+
+The operator writes a :class:`RuntimeConfig` into the job's ConfigMap; the aggregator and
+every client read it with ``--config``. The aggregator serves an :class:`AggregatorReport`
+as JSON on ``GET /status`` of its metrics port; the operator polls it into the job's status.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from fedkube.api.spec import FederatedJobSpec
+from fedkube.api.status import JobMetrics
+from fedkube.api.types import ApiModel
+
+CONFIG_MOUNT_PATH = "/etc/fedkube/config.yaml"
+TOKEN_MOUNT_PATH = "/var/run/secrets/fedkube/token"
+CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
+OUTPUT_DIR = "/var/lib/fedkube/output"
+
+
+class RuntimeConfig(ApiModel):
+    """Everything a pod (or a local process) needs to take part in one job."""
+
+    job_name: str
+    """Name of the FederatedJob; a label on every metric."""
+
+    namespace: str = "default"
+    """Namespace of the FederatedJob; a label on every metric."""
+
+    spec: FederatedJobSpec
+    """The job's spec with every default resolved."""
+
+    aggregator_address: str
+    """``host:port`` the clients dial (the aggregator's Service in a cluster)."""
+
+    bind_address: str = "0.0.0.0"
+    """Address the aggregator's gRPC and HTTP servers listen on."""
+
+    token_file: str | None = TOKEN_MOUNT_PATH
+    """File holding the job's client credential (a mounted Secret); None disables auth."""
+
+    checkpoint_dir: str = CHECKPOINT_DIR
+    """Where the aggregator writes its per-round checkpoint."""
+
+    output_dir: str = OUTPUT_DIR
+    """Where the aggregator writes the final model and ``history.json``."""
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RuntimeConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+class AggregatorReport(ApiModel):
+    """What the aggregator says of itself on ``GET /status``."""
+
+    phase: Literal["Waiting", "Running", "Succeeded", "Failed"]
+    """Waiting for clients, running rounds, or finished."""
+
+    round: int = Field(ge=0)
+    """Rounds completed."""
+
+    rounds: int = Field(ge=0)
+    """Rounds asked for."""
+
+    clients_connected: int = Field(ge=0)
+    """Clients currently joined."""
+
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+    """Global model evaluation after the latest round."""
+
+    message: str = ""
+    """Why the aggregator is in this phase (e.g. the error that failed it)."""

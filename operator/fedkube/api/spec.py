@@ -1,0 +1,322 @@
+"""The desired state of a FederatedJob (``spec``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedkube import __version__
+from fedkube.api.rules import Rule
+from fedkube.api.types import ApiModel, EnvVar, FreeForm, ResourceRequirements, Toleration
+
+DEFAULT_IMAGE = f"ghcr.io/fedkube/fedkube-runtime:{__version__}"
+
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+    "fedmedian", "trimmedmean", "krum", "multikrum",
+]
+#: Strategies that need every update of a round at once (no streaming fold).
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum", "multikrum")
+
+
+class TaskSpec(ApiModel):
+    """What to train: a Python entrypoint providing model, data, train and evaluate."""
+
+    entrypoint: str = Field(
+        default="fedkube.tasks.digits:task",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        max_length=256,
+    )
+    """``module:attribute`` of the task, importable in the runtime image."""
+
+    config: FreeForm = Field(default_factory=dict)
+    """Task-specific settings passed to the task unchanged (e.g. ``{hidden: 64, lr: 0.1}``)."""
+
+
+class StrategyParams(ApiModel):
+    """Strategy hyper-parameters; each applies only to the strategies named in its doc."""
+
+    proximal_mu: float = Field(default=0.01, ge=0.0, le=100.0)
+    """FedProx: weight of the proximal term that keeps clients near the global model."""
+
+    server_learning_rate: float | None = Field(default=None, gt=0.0, le=100.0)
+    """FedAvgM, FedAdam, FedYogi, FedAdagrad: server step size (default 1.0 for FedAvgM,
+    0.1 for the adaptive strategies)."""
+
+    server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """FedAvgM: momentum of the server update."""
+
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """FedAdam, FedYogi: decay of the first moment."""
+
+    beta2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    """FedAdam, FedYogi: decay of the second moment."""
+
+    tau: float = Field(default=1e-3, gt=0.0, le=1.0)
+    """FedAdam, FedYogi, FedAdagrad: adaptivity (epsilon) added to the root second moment."""
+
+    trim_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    """Trimmed mean: fraction of updates cut at each end, per coordinate (below 0.5)."""
+
+    byzantine_clients: int = Field(default=0, ge=0, le=1000)
+    """Krum, Multi-Krum: number of malicious clients to tolerate (f)."""
+
+    krum_select: int | None = Field(default=None, ge=1, le=10000)
+    """Multi-Krum: number of best-scored updates to average (m); default n - f."""
+
+
+class StrategySpec(ApiModel):
+    """How the aggregator combines client updates, and how rounds are run."""
+
+    name: StrategyName = "fedavg"
+    """Aggregation strategy."""
+
+    fraction_fit: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Fraction of connected clients sampled for each round (at least ``minClients``)."""
+
+    min_clients: int = Field(default=2, ge=1, le=10000)
+    """Clients that must answer for a round to complete; a round waits for this many."""
+
+    round_timeout_seconds: int = Field(default=300, ge=1, le=86400)
+    """Time a round waits for sampled clients; stragglers are dropped after it."""
+
+    params: StrategyParams = Field(default_factory=StrategyParams)
+    """Strategy hyper-parameters."""
+
+    rules = (
+        Rule(
+            cel=(
+                "!(self.name in ['krum', 'multikrum']) || "
+                "2 * self.params.byzantineClients + 2 < self.minClients"
+            ),
+            message=(
+                "Krum tolerates f byzantine clients only when 2f + 2 < minClients: "
+                "raise strategy.minClients or lower params.byzantineClients"
+            ),
+            check=lambda s: s.name not in ("krum", "multikrum")
+            or 2 * s.params.byzantine_clients + 2 < s.min_clients,
+            field_path=".params.byzantineClients",
+        ),
+        Rule(
+            cel=(
+                "!has(self.params.krumSelect) || "
+                "self.params.krumSelect <= self.minClients - self.params.byzantineClients"
+            ),
+            message="Multi-Krum selects at most minClients - byzantineClients updates",
+            check=lambda s: s.params.krum_select is None
+            or s.params.krum_select <= s.min_clients - s.params.byzantine_clients,
+            field_path=".params.krumSelect",
+        ),
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Where the aggregator keeps its per-round checkpoint (model, strategy state, history)."""
+
+    every_rounds: int = Field(default=1, ge=1, le=10000)
+    """Checkpoint after every N completed rounds (the last round is always saved)."""
+
+    claim_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """PersistentVolumeClaim to keep checkpoints in. Without one they live in an emptyDir:
+    they survive container restarts but not pod deletion (suspend, node loss)."""
+
+
+class RoleSpec(ApiModel):
+    """Container settings shared by the aggregator and the clients."""
+
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
+    """Runtime image (fedkube with torch and the task's code)."""
+
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image."""
+
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """CPU, memory and GPU limits and requests."""
+
+    env: list[EnvVar] = Field(default_factory=list, max_length=128)
+    """Extra environment variables."""
+
+
+class AggregatorSpec(RoleSpec):
+    """The aggregator pod: runs the rounds and serves the model to clients."""
+
+    port: int = Field(default=50051, ge=1024, le=65535)
+    """gRPC port the clients connect to."""
+
+    metrics_port: int = Field(default=9090, ge=1024, le=65535)
+    """HTTP port serving ``/metrics`` (Prometheus) and ``/status`` (polled by the operator)."""
+
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpointing, so that a restarted aggregator resumes from its last round."""
+
+
+class PartitioningSpec(ApiModel):
+    """How a built-in task splits its dataset among clients (for simulation and benchmarks)."""
+
+    scheme: Literal["iid", "dirichlet"] = "iid"
+    """``iid``: uniform random split; ``dirichlet``: label skew drawn from Dirichlet(alpha)."""
+
+    alpha: float = Field(default=0.5, gt=0.0, le=1000.0)
+    """Dirichlet concentration: small values make clients' label mixes very different."""
+
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    """Seed of the split; the same seed gives every client the same partition on every run."""
+
+
+class DataSpec(ApiModel):
+    """Client data settings."""
+
+    partitioning: PartitioningSpec = Field(default_factory=PartitioningSpec)
+    """Partitioning of the task's dataset among clients."""
+
+
+class ClientsSpec(RoleSpec):
+    """The client pods: each trains on its own data and sends updates."""
+
+    replicas: int = Field(default=2, ge=1, le=1000)
+    """Number of client pods."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    """Client data settings."""
+
+
+class PrivacySpec(ApiModel):
+    """Central differential privacy applied by the aggregator to each update."""
+
+    clip_norm: float | None = Field(default=None, gt=0.0)
+    """Clip each client update (difference to the global model) to this L2 norm."""
+
+    noise_multiplier: float = Field(default=0.0, ge=0.0, le=100.0)
+    """Gaussian noise standard deviation, as a multiple of ``clipNorm``, added to the sum."""
+
+
+class TransportSpec(ApiModel):
+    """How tensors travel between aggregator and clients."""
+
+    update_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of floating-point tensors on the wire; 16-bit halves the bytes sent."""
+
+    chunk_bytes: int = Field(default=1 << 20, ge=1 << 14, le=1 << 26)
+    """Size of the chunks that tensors are streamed in (bounded by gRPC's message limit)."""
+
+
+class RunPolicy(ApiModel):
+    """Lifecycle of the job: retries, deadlines, cleanup and suspension."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=1000)
+    """Pod failures (aggregator or client) tolerated, each recreated, before the job fails."""
+
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job with reason DeadlineExceeded if it runs longer than this."""
+
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the job this long after it succeeded or failed; kept forever when unset."""
+
+    clean_pod_policy: Literal["All", "Running", "None"] = "Running"
+    """Pods deleted when the job finishes: all of them, only those still running, or none."""
+
+    suspend: bool = False
+    """Suspend the job: its pods are deleted; unsuspending resumes from the checkpoint."""
+
+    stuck_pod_timeout_seconds: int = Field(default=300, ge=10, le=86400)
+    """Fail the job when a pod stays unschedulable, cannot pull its image or crash-loops
+    for this long, instead of waiting forever."""
+
+
+class SchedulingSpec(ApiModel):
+    """Where and how the job's pods are scheduled."""
+
+    gang: bool = False
+    """All-or-nothing scheduling of the aggregator and ``minClients`` clients via a
+    scheduler-plugins PodGroup (needs the coscheduling plugin)."""
+
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of the pods."""
+
+    scheduler_name: str | None = Field(default=None, max_length=253)
+    """Scheduler of the pods (e.g. ``scheduler-plugins-scheduler`` for gang scheduling)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match (e.g. a GPU node pool)."""
+
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    """Taints the pods tolerate (e.g. ``nvidia.com/gpu``)."""
+
+    affinity: FreeForm | None = None
+    """A Kubernetes ``Affinity`` object, passed to the pods as is."""
+
+
+class SecuritySpec(ApiModel):
+    """Pod security and network isolation of the job."""
+
+    run_as_user: int = Field(default=1000, ge=1, le=2**31 - 1)
+    """Non-root user id the containers run as."""
+
+    fs_group: int = Field(default=1000, ge=1, le=2**31 - 1)
+    """Group owning mounted volumes (checkpoints)."""
+
+    network_policy: bool = True
+    """Create a NetworkPolicy so that only this job's clients (and Prometheus) reach the
+    aggregator."""
+
+
+class FederatedJobSpec(ApiModel):
+    """A federated training job: what to train, how to aggregate, where to run."""
+
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    """The training task."""
+
+    rounds: int = Field(default=10, ge=1, le=100000)
+    """Number of federated rounds."""
+
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    """Aggregation strategy and round settings."""
+
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    """The aggregator pod."""
+
+    clients: ClientsSpec = Field(default_factory=ClientsSpec)
+    """The client pods."""
+
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    """Central differential privacy."""
+
+    transport: TransportSpec = Field(default_factory=TransportSpec)
+    """Tensor transport settings."""
+
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Retries, deadlines, cleanup and suspension."""
+
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    """Placement of the pods."""
+
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
+    """Pod security and network isolation."""
+
+    rules = (
+        Rule(
+            cel="self.strategy.minClients <= self.clients.replicas",
+            message=(
+                "strategy.minClients exceeds clients.replicas, so no round could complete: "
+                "lower strategy.minClients or raise clients.replicas"
+            ),
+            check=lambda s: s.strategy.min_clients <= s.clients.replicas,
+            field_path=".strategy.minClients",
+        ),
+        Rule(
+            cel="self.privacy.noiseMultiplier == 0.0 || has(self.privacy.clipNorm)",
+            message=(
+                "noise is scaled by the clipping norm: set privacy.clipNorm when "
+                "privacy.noiseMultiplier is above 0"
+            ),
+            check=lambda s: s.privacy.noise_multiplier == 0.0 or s.privacy.clip_norm is not None,
+            field_path=".privacy.clipNorm",
+        ),
+        Rule(
+            cel="self.aggregator.port != self.aggregator.metricsPort",
+            message="aggregator.port and aggregator.metricsPort must differ",
+            check=lambda s: s.aggregator.port != s.aggregator.metrics_port,
+            field_path=".aggregator.metricsPort",
+        ),
+    )
