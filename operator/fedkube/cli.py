@@ -63,7 +63,8 @@ def validate(files: tuple[Path, ...]) -> None:
                 console.print(f"[red]✗[/red] {where}: {escape(problem.message)}{hint}",
                               soft_wrap=True)
         else:
-            console.print(f"[green]✓[/green] {path}: {jobs} FederatedJob(s) valid")
+            console.print(f"[green]✓[/green] {escape(str(path))}: {jobs} FederatedJob(s) valid",
+                          soft_wrap=True)
     sys.exit(1 if failed else 0)
 
 

@@ -4,7 +4,7 @@ from typing import Final
 
 GROUP: Final = "fedkube.io"
 VERSION: Final = "v1alpha1"
-API_VERSION: Final = f"{GROUP}/{VERSION}"
+API_VERSION: Final = "fedkube.io/v1alpha1"  # GROUP/VERSION, spelled out for its Literal type
 KIND: Final = "FederatedJob"
 LIST_KIND: Final = "FederatedJobList"
 PLURAL: Final = "federatedjobs"

@@ -87,9 +87,10 @@ class _Translator:
             required = set(out.get("required", ()))
             for name, prop in out["properties"].items():
                 # An empty object default lets the API server fill in nested defaults.
-                if name not in required and prop.get("type") == "object" and "default" not in prop:
-                    if "properties" in prop and not prop.get("required"):
-                        prop["default"] = {}
+                if (name not in required and prop.get("type") == "object"
+                        and "properties" in prop and not prop.get("required")
+                        and "default" not in prop):
+                    prop["default"] = {}
         return out
 
     def _resolve(self, schema: Schema) -> Schema:

@@ -62,9 +62,12 @@ class ApiModel(BaseModel):
 def parse_quantity(value: str | int | float) -> Decimal:
     """The numeric value of a Kubernetes quantity (``"500m"`` -> 0.5, ``"1Gi"`` -> 1073741824)."""
     try:
-        return Decimal(_k8s_parse_quantity(value))
+        parsed: Decimal = _k8s_parse_quantity(value)  # type: ignore[no-untyped-call]
     except ValueError as error:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 1, 500m, 2Gi)") from error
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity (examples: 1, 500m, 2Gi)"
+        ) from error
+    return parsed
 
 
 def _check_quantity(value: str | int) -> str | int:
@@ -92,7 +95,10 @@ GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 
 def _gpu_is_whole(name: str) -> Rule:
     return Rule(
-        cel=f"!('{name}' in self.limits) || string(self.limits['{name}']).matches('^[0-9]+$')",
+        cel=(
+            f"!has(self.limits) || !('{name}' in self.limits) || "
+            f"string(self.limits['{name}']).matches('^[0-9]+$')"
+        ),
         message=f"{name} must be a whole number of GPUs, e.g. 1",
         check=lambda r: name not in r.limits or str(r.limits[name]).isdigit(),
         field_path=f".limits['{name}']",
@@ -102,8 +108,9 @@ def _gpu_is_whole(name: str) -> Rule:
 def _gpu_request_matches_limit(name: str) -> Rule:
     return Rule(
         cel=(
-            f"!('{name}' in self.requests) || ('{name}' in self.limits && "
-            f"string(self.requests['{name}']) == string(self.limits['{name}']))"
+            f"!has(self.requests) || !('{name}' in self.requests) || (has(self.limits) && "
+            f"'{name}' in self.limits && string(self.requests['{name}']) == "
+            f"string(self.limits['{name}']))"
         ),
         message=f"{name} cannot be overcommitted: set its limit, and a request equal to it",
         check=lambda r: name not in r.requests

@@ -28,8 +28,11 @@ Location = tuple[str | int, ...]
 class Problem:
     """One thing wrong with one document."""
 
-    source: str
-    """``file`` or ``file:line`` where the problem is."""
+    file: str
+    """The file the problem is in."""
+
+    line: int | None
+    """1-based line of the offending field, when known."""
 
     path: str
     """Field path as written in YAML, e.g. ``spec.strategy.minClients``."""
@@ -39,6 +42,11 @@ class Problem:
 
     hint: str = ""
     """How to fix it, when there is more to say than the message."""
+
+    @property
+    def source(self) -> str:
+        """``file:line``, or just ``file`` when the line is unknown."""
+        return f"{self.file}:{self.line}" if self.line else self.file
 
     def __str__(self) -> str:
         where = f"{self.source}: {self.path}" if self.path else self.source
@@ -135,7 +143,7 @@ def validate_document(document: Any, source: str = "<input>",
                       node: yaml.Node | None = None) -> list[Problem]:
     """Every problem of one parsed manifest (empty when it is a valid FederatedJob)."""
     if not isinstance(document, dict):
-        return [Problem(source, "", "expected a FederatedJob object (a YAML mapping)")]
+        return [Problem(source, None, "", "expected a FederatedJob object (a YAML mapping)")]
     try:
         FederatedJob.model_validate(document)
     except ValidationError as error:
@@ -147,11 +155,11 @@ def validate_document(document: Any, source: str = "<input>",
                 path = format_path(location) + extra
             else:
                 path = format_path(location)
-            line = _line_of(node, location)
-            where = f"{source}:{line}" if line else source
             message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(Problem(where, path, message, _hint(item, location)))
-        return problems
+            problems.append(
+                Problem(source, _line_of(node, location), path, message, _hint(item, location))
+            )
+        return sorted(problems, key=lambda p: p.line or 0)
     return []
 
 
@@ -180,11 +188,12 @@ def validate_file(path: Path) -> tuple[list[Problem], int]:
     try:
         documents = list(_documents(path))
     except OSError as error:
-        return [Problem(str(path), "", f"cannot read: {error.strerror}")], 0
+        return [Problem(str(path), None, "", f"cannot read: {error.strerror}")], 0
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        return [Problem(where, "", f"not valid YAML: {getattr(error, 'problem', error)}")], 0
+        line = mark.line + 1 if mark else None
+        message = f"not valid YAML: {getattr(error, 'problem', error)}"
+        return [Problem(str(path), line, "", message)], 0
     problems: list[Problem] = []
     jobs = 0
     for document, node, _ in documents:
@@ -193,7 +202,7 @@ def validate_file(path: Path) -> tuple[list[Problem], int]:
         jobs += 1
         problems += validate_document(document, str(path), node)
     if not documents:
-        problems.append(Problem(str(path), "", f"no {KIND} found (apiVersion {API_VERSION})"))
+        problems.append(Problem(str(path), None, "", f"no {KIND} found ({API_VERSION})"))
     return problems, jobs
 
 
@@ -203,5 +212,5 @@ def load_jobs(path: Path) -> list[FederatedJob]:
     if problems:
         raise InvalidJobError(problems)
     if count == 0:
-        raise InvalidJobError([Problem(str(path), "", f"no {KIND} found in the file")])
+        raise InvalidJobError([Problem(str(path), None, "", f"no {KIND} found in the file")])
     return [FederatedJob.model_validate(d) for d, _, _ in _documents(path) if is_federated_job(d)]
