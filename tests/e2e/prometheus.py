@@ -132,6 +132,11 @@ class Prometheus:
                 raise TimeoutError(f"targets not up after {timeout_s}s: {health}")
             time.sleep(0.2)
 
+    def label_values(self, label: str, match: str, start: float, end: float) -> list[str]:
+        """Values of ``label`` on series matching ``match``: Grafana's ``label_values()``."""
+        return sorted(self._get(f"/api/v1/label/{label}/values",
+                                **{"match[]": match, "start": start, "end": end}))
+
     def query_range(self, expr: str, start: float, end: float,
                     step_s: float = SCRAPE_INTERVAL_S) -> list[Series]:
         """Evaluate ``expr`` at every step of [start, end], as a Grafana time series panel does."""
