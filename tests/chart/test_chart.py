@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -191,3 +192,21 @@ def test_monitors_select_what_the_operator_and_aggregators_expose(chart: ModuleT
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"fedkube.io/role": "aggregator"}
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
+
+
+def test_helm_install_rejects_a_mistyped_value_and_notes_say_what_next(
+        chart: ModuleType) -> None:
+    def install(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([chart.helm(), "install", "fedkube", str(CHART),
+                               "--dry-run=client", *args],
+                              capture_output=True, text=True, check=False)
+
+    failed = install("--set", "dashboards.enabled=yes")
+    assert failed.returncode != 0
+    assert "at '/dashboards/enabled': got string, want boolean" in failed.stderr
+    installed = install()
+    assert installed.returncode == 0, installed.stderr
+    notes = installed.stdout.split("NOTES:", 1)[1]
+    assert "kubectl apply -f crds/samples/digits.yaml" in notes
+    assert "kubectl get fedjobs" in notes
+    assert "get configmaps -l grafana_dashboard=1" in notes
