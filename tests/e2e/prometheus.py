@@ -125,12 +125,24 @@ class Prometheus:
         data = self._get("/api/v1/targets", state="active")
         return {t["scrapeUrl"]: t["health"] for t in data["activeTargets"]}
 
-    def wait_targets_up(self, timeout_s: float = 30) -> None:
+    def wait_targets(self, healthy: set[str], timeout_s: float = 30) -> None:
+        """Wait until every target has been scraped with a health in ``healthy``.
+
+        Prometheus applies discovered targets only every five seconds after it starts; a
+        test that produces samples before the first scrape would lose them.
+        """
         deadline = time.monotonic() + timeout_s
-        while (health := self.targets_up()) and set(health.values()) != {"up"}:
+        while not (health := self.targets_up()) or not set(health.values()) <= healthy:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"targets not up after {timeout_s}s: {health}")
+                raise TimeoutError(f"targets not {healthy} after {timeout_s}s: {health}")
             time.sleep(0.2)
+
+    def wait_targets_up(self, timeout_s: float = 30) -> None:
+        self.wait_targets({"up"}, timeout_s)
+
+    def wait_scraping(self, timeout_s: float = 30) -> None:
+        """Wait until Prometheus scrapes every target, up or not yet listening."""
+        self.wait_targets({"up", "down"}, timeout_s)
 
     def label_values(self, label: str, match: str, start: float, end: float) -> list[str]:
         """Values of ``label`` on series matching ``match``: Grafana's ``label_values()``."""
