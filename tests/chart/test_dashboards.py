@@ -93,3 +93,23 @@ def test_dashboards_cover_what_users_watch() -> None:
     assert titles("federated-job.json") == {
         "Round", "Progress", "Round duration", "Clients connected", "Updates",
         "Bytes received", "Aggregation time", "Global loss", "Global accuracy"}
+
+
+@pytest.mark.parametrize("board", ["operator.json", "federated-job.json"])
+def test_dashboard_layout_and_datasource(board: str) -> None:
+    """Grafana places panels on a 24-wide grid; overlapping or unnamed queries misrender."""
+    dashboard = json.loads((DASHBOARDS / board).read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(set(ref_ids)) == len(ref_ids), panel["title"]
+    assert dashboard["uid"].startswith("fedkube-")
