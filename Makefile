@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedkube validate crds/samples/*.yaml
+	$(BIN)/fedkube run crds/samples/digits.yaml
 
 # helm (chart tests) and Prometheus (tests/e2e) are installed here so that `make test` alone
 # runs everything on a fresh machine; each install is a no-op when the tool is already there.

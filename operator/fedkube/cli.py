@@ -68,5 +68,47 @@ def validate(files: tuple[Path, ...]) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The RuntimeConfig YAML (the operator mounts it from the job's ConfigMap).")
+def aggregator(config_path: Path) -> None:
+    """Run a job's aggregator: serve clients over gRPC, run the rounds, save the model."""
+    from fedkube.federation.runtime import run_aggregator
+
+    sys.exit(run_aggregator(config_path))
+
+
+@main.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The RuntimeConfig YAML (the operator mounts it from the job's ConfigMap).")
+@click.option("--index", required=True, type=click.IntRange(min=0),
+              help="This client's index among the job's clients (selects its data partition).")
+def client(config_path: Path, index: int) -> None:
+    """Run one client of a job: train on its partition each round it is sampled."""
+    from fedkube.federation.runtime import run_client
+
+    sys.exit(run_client(config_path, index))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rounds", type=click.IntRange(min=1), help="Override spec.rounds.")
+@click.option("--clients", type=click.IntRange(min=1),
+              help="Override spec.clients.replicas (minClients is lowered to fit).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder for the model, history and plot (default: runs/<job-name>).")
+@click.option("--metrics-port", type=click.IntRange(1024, 65535),
+              help="Serve the aggregator's /metrics and /status on this port (default: free).")
+def run(job_file: Path, rounds: int | None, clients: int | None, output: Path | None,
+        metrics_port: int | None) -> None:
+    """Run a FederatedJob on this machine: the aggregator and each client as processes."""
+    from fedkube.local import run_local
+
+    sys.exit(run_local(job_file, rounds=rounds, clients=clients, output=output,
+                       metrics_port=metrics_port))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,462 @@
+"""The aggregator: serves the protocol, runs the rounds, evaluates, checkpoints, reports.
+
+Threads: gRPC handlers (one per in-flight call; clients long-poll ``PullTask``), the HTTP
+server for ``/metrics``, ``/status`` and ``/healthz``, and the round loop in the caller's
+thread. Shared state lives behind one condition variable; receiving and folding updates is
+serialized by a second lock so that one model-sized receive buffer serves every client and
+memory does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fedkube.api import JobMetrics
+from fedkube.api.runtime import AggregatorReport, RuntimeConfig
+from fedkube.federation import checkpoint, protocol, transport
+from fedkube.federation.metrics import AggregatorMetrics
+from fedkube.federation.proto import fedkube_pb2 as pb
+from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
+from fedkube.tasks.base import load_task
+
+log = logging.getLogger("fedkube.aggregator")
+
+#: A client that has not called for this long (and is not training) counts as gone.
+LIVENESS_SECONDS = 30.0
+#: Longest a PullTask long-poll is held before answering WAIT.
+MAX_POLL_SECONDS = 10.0
+#: Consecutive failed attempts at one round before the job fails.
+MAX_ROUND_ATTEMPTS = 3
+#: How long a finished aggregator keeps answering FINISHED so that clients exit cleanly.
+FINISH_GRACE_SECONDS = 10.0
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_token(config: RuntimeConfig) -> str | None:
+    if config.token_file is None:
+        return None
+    token = Path(config.token_file).read_text().strip()
+    if not token:
+        raise ValueError(f"token_file {config.token_file} is empty: write the job's credential")
+    return token
+
+
+def sample_size(connected: int, fraction_fit: float, min_clients: int) -> int:
+    """Clients to sample: ``fractionFit`` of those connected, at least ``minClients``."""
+    return min(connected, max(min_clients, math.ceil(fraction_fit * connected)))
+
+
+@dataclass
+class ClientInfo:
+    index: int
+    last_seen: float
+
+
+@dataclass
+class RoundState:
+    """One attempt at one round."""
+
+    number: int
+    sampled: set[str]
+    metas: list[transport.TensorMeta]
+    wire: dict[str, torch.Tensor]
+    aggregation: Any
+    dispatched: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    accepted: int = 0
+    rejected: int = 0
+    examples: int = 0
+    client_metrics: dict[str, float] = field(default_factory=dict)
+    closed: bool = False
+
+
+class Aggregator(pb_grpc.FederationServicer):
+    """One job's aggregator; :meth:`run` returns the process exit code."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.token = read_token(config)
+        self.device = select_device()
+        self.task = load_task(self.spec.task.entrypoint)
+        self.model = self.task.model(self.spec.task.config).to(self.device)
+        self.strategy = build_strategy_from_spec(
+            self.spec, device=self.device, seed=self.spec.clients.data.partitioning.seed)
+        self.metrics = AggregatorMetrics(config.job_name, config.namespace)
+        self.wire_dtype = transport.TRANSFER_DTYPES[self.spec.transport.update_dtype]
+        self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.history: list[dict[str, Any]] = []
+        self.completed = 0
+        self.phase = "Waiting"
+        self.message = ""
+        self.clients: dict[str, ClientInfo] = {}
+        self.current: RoundState | None = None
+        self.finished = False
+        self.told_finished: set[str] = set()
+        self._cond = threading.Condition()
+        self._fold_lock = threading.Lock()
+        self._buffer: dict[str, torch.Tensor] | None = None
+        self.metrics.rounds_total.set(self.spec.rounds)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _connected(self, now: float) -> list[str]:
+        training = self.current.sampled - self.current.answered if self.current else set()
+        return [cid for cid, info in self.clients.items()
+                if now - info.last_seen < LIVENESS_SECONDS or cid in training]
+
+    def report(self) -> AggregatorReport:
+        with self._cond:
+            last = self.history[-1] if self.history else {}
+            return AggregatorReport(
+                phase=self.phase, round=self.completed, rounds=self.spec.rounds,
+                clients_connected=len(self._connected(time.monotonic())),
+                metrics=JobMetrics(loss=last.get("loss"), accuracy=last.get("accuracy")),
+                message=self.message)
+
+    # ---- gRPC ------------------------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata())
+        if self.token is not None and not hmac.compare_digest(
+                str(metadata.get(protocol.TOKEN_KEY, "")), f"Bearer {self.token}"):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing job credential")
+        client_id = str(metadata.get(protocol.CLIENT_ID_KEY, ""))
+        with self._cond:
+            info = self.clients.get(client_id)
+            if info is None:
+                context.abort(grpc.StatusCode.NOT_FOUND,
+                              f"unknown client id {client_id!r}: join again")
+            info.last_seen = time.monotonic()
+        return client_id
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        if self.token is not None and not hmac.compare_digest(request.token, self.token):
+            log.warning("refused a join from %s (index %d): wrong credential",
+                        context.peer(), request.index)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong job credential")
+        client_id = f"client-{request.index}-{uuid.uuid4().hex[:8]}"
+        with self._cond:
+            # A restarted client takes its index back; its old session is gone.
+            for old in [c for c, i in self.clients.items() if i.index == request.index]:
+                del self.clients[old]
+            self.clients[client_id] = ClientInfo(request.index, time.monotonic())
+            self.metrics.clients_connected.set(len(self._connected(time.monotonic())))
+            self._cond.notify_all()
+        log.info("client %s joined (index %d)", client_id, request.index)
+        return pb.JoinReply(client_id=client_id,
+                            spec_json=self.spec.model_dump_json(by_alias=True))
+
+    def _next_assignment(self, client_id: str, deadline: float,
+                         context: grpc.ServicerContext) -> RoundState | None:
+        """The round this client should train now, or None (finished, or nothing yet)."""
+        with self._cond:
+            while True:
+                if self.finished:
+                    self.told_finished.add(client_id)
+                    self._cond.notify_all()
+                    return None
+                state = self.current
+                if (state is not None and not state.closed and client_id in state.sampled
+                        and client_id not in state.dispatched):
+                    state.dispatched.add(client_id)
+                    return state
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active():
+                    return None
+                self._cond.wait(remaining)
+
+    def PullTask(self, request: pb.PullTaskRequest,
+                 context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
+        client_id = self._authenticate(context)
+        deadline = time.monotonic() + min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS)
+        state = self._next_assignment(client_id, deadline, context)
+        if state is None:
+            action = pb.TaskHeader.FINISHED if self.finished else pb.TaskHeader.WAIT
+            yield pb.TaskChunk(header=pb.TaskHeader(action=action))
+            return
+        yield pb.TaskChunk(header=pb.TaskHeader(
+            action=pb.TaskHeader.TRAIN, round=state.number,
+            proximal_mu=self.strategy.proximal_mu, tensors=protocol.to_specs(state.metas)))
+        for data in transport.iter_chunks(state.wire, self.spec.transport.chunk_bytes):
+            self.metrics.model_bytes.inc(len(data))
+            yield pb.TaskChunk(data=data)
+
+    def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk],
+                   context: grpc.ServicerContext) -> pb.PushUpdateReply:
+        client_id = self._authenticate(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update starts with its header")
+        header = first.header
+        with self._fold_lock:
+            state = self.current
+            if (state is None or state.closed or header.round != state.number
+                    or client_id not in state.dispatched or client_id in state.answered):
+                self.metrics.updates["late"].inc()
+                log.info("late update from %s for round %d ignored", client_id, header.round)
+                return pb.PushUpdateReply(status=pb.PushUpdateReply.LATE,
+                                          reason="the round is over or was not yours")
+            reason = self._receive_and_fold(state, header, request_iterator)
+            with self._cond:
+                state.answered.add(client_id)
+                if reason is None:
+                    state.accepted += 1
+                    state.examples += header.num_examples
+                    for name, value in header.metrics.items():
+                        state.client_metrics[name] = (state.client_metrics.get(name, 0.0)
+                                                      + value * header.num_examples)
+                else:
+                    state.rejected += 1
+                self._cond.notify_all()
+        if reason is not None:
+            self.metrics.updates["rejected"].inc()
+            log.warning("rejected update from %s in round %d: %s",
+                        client_id, state.number, reason)
+            return pb.PushUpdateReply(status=pb.PushUpdateReply.REJECTED, reason=reason)
+        self.metrics.updates["accepted"].inc()
+        return pb.PushUpdateReply(status=pb.PushUpdateReply.ACCEPTED)
+
+    def _receive_and_fold(self, state: RoundState, header: pb.UpdateHeader,
+                          chunks: Iterator[pb.UpdateChunk]) -> str | None:
+        """Receive one update into the shared buffer and fold it; the reason if rejected."""
+        metas = protocol.from_specs(header.tensors)
+        if metas != state.metas:
+            expected = {m.name: m for m in state.metas}
+            wrong = [f"{m.name}: {m.dtype}{list(m.shape)}" for m in metas
+                     if expected.get(m.name) != m] or sorted(expected.keys() - {
+                         m.name for m in metas})
+            return ("tensors do not match the global model (expected the manifest it was sent): "
+                    + ", ".join(wrong[:5]))
+        if self._buffer is None:
+            self._buffer = transport.allocate(state.metas)
+        started = time.perf_counter()
+        try:
+            update = transport.assemble(metas, protocol.data_chunks(chunks), out=self._buffer)
+        except transport.TransportError as error:
+            return str(error)
+        self.metrics.update_bytes.inc(sum(m.nbytes for m in metas))
+        try:
+            state.aggregation.add(
+                {k: v.to(self.device, dtype=self.global_state[k].dtype) for k, v in update.items()},
+                int(header.num_examples))
+        except UpdateRejected as error:
+            return str(error)
+        finally:
+            self.metrics.aggregation_duration.observe(time.perf_counter() - started)
+        return None
+
+    # ---- round loop ------------------------------------------------------------------------
+
+    def _set_phase(self, phase: str, message: str = "") -> None:
+        with self._cond:
+            self.phase, self.message = phase, message
+
+    def _wait_for_clients(self, needed: int) -> list[str]:
+        with self._cond:
+            while True:
+                connected = self._connected(time.monotonic())
+                self.metrics.clients_connected.set(len(connected))
+                if len(connected) >= needed:
+                    return connected
+                self.phase = "Waiting"
+                self.message = f"waiting for clients: {len(connected)} of {needed} connected"
+                self._cond.wait(1.0)
+
+    def _open_round(self, number: int, connected: list[str], attempt: int) -> RoundState:
+        strategy_spec = self.spec.strategy
+        rng = random.Random(f"{self.spec.clients.data.partitioning.seed}/{number}/{attempt}")
+        count = sample_size(len(connected), strategy_spec.fraction_fit, strategy_spec.min_clients)
+        sampled = set(rng.sample(sorted(connected), count))
+        wire = transport.encode(self.global_state, self.wire_dtype)
+        metas = transport.manifest(wire)
+        if self._buffer is not None and transport.manifest(self._buffer) != metas:
+            self._buffer = None
+        return RoundState(number, sampled, metas, wire,
+                          self.strategy.new_round(self.global_state, max_updates=count))
+
+    def _run_round(self, number: int, attempt: int) -> RoundState:
+        connected = self._wait_for_clients(self.spec.strategy.min_clients)
+        state = self._open_round(number, connected, attempt)
+        deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
+        with self._cond:
+            self.current = state
+            self.phase, self.message = "Running", f"round {number}: {len(state.sampled)} sampled"
+            self.metrics.clients_sampled.set(len(state.sampled))
+            self._cond.notify_all()
+            while state.answered != state.sampled and time.monotonic() < deadline:
+                self._cond.wait(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        with self._fold_lock, self._cond:
+            state.closed = True
+        return state
+
+    def _evaluate(self) -> tuple[float, float]:
+        self.model.load_state_dict(self.global_state)
+        result = self.task.evaluate(self.model, self.spec.task.config, device=self.device)
+        return float(result.loss), float(result.accuracy)
+
+    def _complete_round(self, state: RoundState, started: float) -> None:
+        with self.metrics.aggregation_duration.time():
+            self.global_state = state.aggregation.result()
+        loss, accuracy = self._evaluate()
+        duration = time.monotonic() - started
+        entry = {
+            "round": state.number, "loss": loss, "accuracy": accuracy,
+            "clients": state.accepted, "rejected": state.rejected,
+            "sampled": len(state.sampled), "duration_seconds": round(duration, 4),
+            "client_metrics": {k: v / max(state.examples, 1)
+                               for k, v in state.client_metrics.items()},
+        }
+        with self._cond:
+            self.history.append(entry)
+            self.completed = state.number
+        self.metrics.round.set(state.number)
+        self.metrics.round_duration.observe(duration)
+        self.metrics.global_loss.set(loss)
+        self.metrics.global_accuracy.set(accuracy)
+        log.info("round %d/%d: loss %.4f accuracy %.4f (%d clients, %d rejected, %.2fs)",
+                 state.number, self.spec.rounds, loss, accuracy, state.accepted,
+                 state.rejected, duration)
+        every = self.spec.aggregator.checkpoint.every_rounds
+        if state.number % every == 0 or state.number == self.spec.rounds:
+            checkpoint.save(self.config.checkpoint_dir, checkpoint.Checkpoint(
+                state.number, self.global_state, self.strategy.state_dict(), self.history))
+
+    def _restore(self) -> None:
+        saved = checkpoint.load(self.config.checkpoint_dir)
+        if saved is None:
+            return
+        self.global_state = {k: v.to(self.device) for k, v in saved.model.items()}
+        self.strategy.load_state_dict(saved.strategy)
+        self.history = list(saved.history)
+        self.completed = saved.round
+        self.metrics.round.set(saved.round)
+        log.info("resumed from the checkpoint after round %d", saved.round)
+
+    def _write_outputs(self) -> None:
+        output = Path(self.config.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_save({k: v.cpu() for k, v in self.global_state.items()},
+                               output / "model.pt")
+        temporary = output / ".history.json.tmp"
+        temporary.write_text(json.dumps(self.history, indent=2) + "\n")
+        os.replace(temporary, output / "history.json")
+
+    def _finish(self) -> None:
+        """Tell polling clients the job is over, for a short grace period."""
+        deadline = time.monotonic() + FINISH_GRACE_SECONDS
+        with self._cond:
+            self.finished = True
+            self.current = None
+            self._cond.notify_all()
+            while time.monotonic() < deadline:
+                waiting = set(self._connected(time.monotonic())) - self.told_finished
+                if not waiting:
+                    break
+                self._cond.wait(0.2)
+
+    def run(self) -> int:
+        """The whole job; the exit code (0 after the final round)."""
+        self._restore()
+        while self.completed < self.spec.rounds:
+            number = self.completed + 1
+            for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
+                started = time.monotonic()
+                state = self._run_round(number, attempt)
+                if state.accepted >= self.spec.strategy.min_clients:
+                    self._complete_round(state, started)
+                    break
+                self.metrics.round_failures.inc()
+                log.error(
+                    "round %d attempt %d/%d: only %d of the %d sampled clients sent an accepted "
+                    "update within roundTimeoutSeconds=%d (%d rejected), minClients is %d; "
+                    "retrying", number, attempt, MAX_ROUND_ATTEMPTS, state.accepted,
+                    len(state.sampled), self.spec.strategy.round_timeout_seconds,
+                    state.rejected, self.spec.strategy.min_clients)
+            else:
+                message = (f"round {number} failed {MAX_ROUND_ATTEMPTS} times: fewer than "
+                           f"minClients={self.spec.strategy.min_clients} accepted updates; "
+                           "raise strategy.roundTimeoutSeconds or lower strategy.minClients")
+                log.error(message)
+                self._set_phase("Failed", message)
+                self._finish()
+                return 1
+        self._write_outputs()
+        self._set_phase("Succeeded", f"{self.spec.rounds} rounds completed")
+        log.info("job finished: model and history in %s", self.config.output_dir)
+        self._finish()
+        return 0
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    aggregator: Aggregator
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, kind = generate_latest(self.aggregator.metrics.registry), CONTENT_TYPE_LATEST
+        elif path == "/status":
+            body, kind = self.aggregator.report().model_dump_json().encode(), "application/json"
+        elif path == "/history":
+            with self.aggregator._cond:
+                body = json.dumps(self.aggregator.history).encode()
+            kind = "application/json"
+        elif path == "/healthz":
+            body, kind = b"ok\n", "text/plain"
+        else:
+            self.send_error(404, "try /metrics, /status, /history or /healthz")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would drown the log."""
+
+
+def serve(config: RuntimeConfig) -> int:
+    """Run the aggregator of ``config`` with its gRPC and HTTP servers; the exit code."""
+    aggregator = Aggregator(config)
+    spec = config.spec
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2 * spec.clients.replicas + 16),
+        options=protocol.channel_options(spec.transport.chunk_bytes))
+    pb_grpc.add_FederationServicer_to_server(aggregator, server)
+    server.add_insecure_port(f"{config.bind_address}:{spec.aggregator.port}")
+    handler = type("Handler", (_HttpHandler,), {"aggregator": aggregator})
+    http = ThreadingHTTPServer((config.bind_address, spec.aggregator.metrics_port), handler)
+    http.daemon_threads = True
+    threading.Thread(target=http.serve_forever, name="http", daemon=True).start()
+    server.start()
+    log.info("aggregator of %s/%s listening on %s:%d (metrics on :%d), device %s",
+             config.namespace, config.job_name, config.bind_address, spec.aggregator.port,
+             spec.aggregator.metrics_port, aggregator.device)
+    try:
+        return aggregator.run()
+    finally:
+        server.stop(grace=1.0).wait()
+        http.shutdown()

@@ -1,0 +1,164 @@
+"""The client runtime: join, then pull a round, train on the local partition, push; repeat.
+
+Connection trouble (the aggregator not up yet, restarted, briefly unreachable) is retried
+with capped exponential backoff; an aggregator that forgot the client (it restarted) is
+joined again. The client exits 0 when the aggregator says the job is finished, and 2 when
+its credential is refused (retrying cannot fix that).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from fedkube.api import FederatedJobSpec
+from fedkube.api.runtime import RuntimeConfig
+from fedkube.federation import protocol, transport
+from fedkube.federation.aggregator import read_token, select_device
+from fedkube.federation.proto import fedkube_pb2 as pb
+from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.tasks.base import load_task
+
+log = logging.getLogger("fedkube.client")
+
+POLL_SECONDS = 10.0
+BACKOFF_START, BACKOFF_MAX = 0.2, 5.0
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+class CredentialRefused(RuntimeError):
+    """The aggregator refused the job credential."""
+
+
+class Client:
+    """One client of one job."""
+
+    def __init__(self, config: RuntimeConfig, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.token = read_token(config)
+        self.device = select_device()
+        self.channel = grpc.insecure_channel(
+            config.aggregator_address,
+            options=protocol.channel_options(config.spec.transport.chunk_bytes))
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.client_id = ""
+        self.spec: FederatedJobSpec = config.spec
+        self._model: torch.nn.Module | None = None
+        self._data: object = None
+        self._buffer: dict[str, torch.Tensor] | None = None
+
+    def _join(self) -> None:
+        delay = BACKOFF_START
+        while True:
+            try:
+                reply = self.stub.Join(pb.JoinRequest(token=self.token or "", index=self.index),
+                                       wait_for_ready=True, timeout=30)
+                break
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise CredentialRefused(error.details()) from error
+                if error.code() not in _RETRYABLE:
+                    raise
+                log.info("aggregator at %s not reachable (%s); retrying in %.1fs",
+                         self.config.aggregator_address, error.code().name, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        self.client_id = reply.client_id
+        self.spec = FederatedJobSpec.model_validate_json(reply.spec_json)
+        log.info("joined as %s", self.client_id)
+
+    def _setup(self) -> None:
+        """Model and data, built once: the data split is the same on every round."""
+        task = load_task(self.spec.task.entrypoint)
+        self.task = task
+        self._model = task.model(self.spec.task.config).to(self.device)
+        self._data = task.client_data(self.index, self.spec.clients.replicas,
+                                      self.spec.clients.data.partitioning, self.spec.task.config)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return protocol.auth_metadata(self.token, self.client_id)
+
+    def _train(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+        assert self._model is not None
+        metas = protocol.from_specs(header.tensors)
+        if self._buffer is None or transport.manifest(self._buffer) != metas:
+            self._buffer = transport.allocate(metas)
+        received = transport.assemble(metas, protocol.data_chunks(chunks), out=self._buffer)
+        state = self._model.state_dict()
+        self._model.load_state_dict({k: v.to(state[k].dtype) for k, v in received.items()})
+        result = self.task.train(self._model, self._data, self.spec.task.config,
+                                 device=self.device, proximal_mu=header.proximal_mu)
+        wire = transport.encode(self._model.state_dict(),
+                                transport.TRANSFER_DTYPES[self.spec.transport.update_dtype])
+        update_header = pb.UpdateHeader(
+            round=header.round, num_examples=result.num_examples,
+            metrics={k: float(v) for k, v in result.metrics.items()},
+            tensors=protocol.to_specs(transport.manifest(wire)))
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(header=update_header)
+            for data in transport.iter_chunks(wire, self.spec.transport.chunk_bytes):
+                yield pb.UpdateChunk(data=data)
+
+        reply = self.stub.PushUpdate(messages(), metadata=self._metadata())
+        status = pb.PushUpdateReply.Status.Name(reply.status).lower()
+        log.info("round %d: trained on %d examples %s; update %s%s", header.round,
+                 result.num_examples, result.metrics, status,
+                 f" ({reply.reason})" if reply.reason else "")
+
+    def _step(self) -> bool:
+        """One poll (and maybe one round of training); False once the job is finished."""
+        stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=POLL_SECONDS),
+                                    metadata=self._metadata(), timeout=POLL_SECONDS + 30)
+        first = next(stream)
+        header = first.header
+        if header.action == pb.TaskHeader.FINISHED:
+            return False
+        if header.action == pb.TaskHeader.TRAIN:
+            self._train(header, stream)
+        return True
+
+    def run(self) -> int:
+        """Take part until the job finishes; the exit code."""
+        try:
+            self._join()
+            self._setup()
+            delay = BACKOFF_START
+            while True:
+                try:
+                    if not self._step():
+                        log.info("the aggregator says the job is finished")
+                        return 0
+                    delay = BACKOFF_START
+                except grpc.RpcError as error:
+                    code = error.code()
+                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                        raise CredentialRefused(error.details()) from error
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        log.info("the aggregator forgot this client (restarted?); joining again")
+                        self._join()
+                        continue
+                    if code not in _RETRYABLE:
+                        raise
+                    log.info("lost the aggregator (%s); retrying in %.1fs", code.name, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+        except CredentialRefused as error:
+            log.error("the aggregator refused this client's credential (%s): check token_file "
+                      "%s against the job's Secret", error, self.config.token_file)
+            return 2
+        finally:
+            self.channel.close()
+
+
+def serve(config: RuntimeConfig, index: int) -> int:
+    if not 0 <= index < config.spec.clients.replicas:
+        raise ValueError(f"--index {index} is outside 0..{config.spec.clients.replicas - 1} "
+                         "(spec.clients.replicas)")
+    return Client(config, index).run()

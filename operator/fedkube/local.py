@@ -1,0 +1,222 @@
+"""``fedkube run``: one FederatedJob on this machine, as an aggregator and N client processes.
+
+The processes speak the same gRPC protocol over 127.0.0.1 as pods do in a cluster, read the
+same RuntimeConfig, and authenticate with a random token kept in the run folder. Each child
+runs in its own process group so that Ctrl-C (or SIGTERM) here stops all of them and leaves
+no orphans behind, whatever they were doing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack, closing, suppress
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from fedkube.api import FederatedJob
+from fedkube.api.runtime import AggregatorReport, RuntimeConfig
+from fedkube.api.validation import InvalidJobError, load_jobs
+from fedkube.federation.runtime import THREADS_ENV
+
+console = Console(stderr=True, highlight=False)
+
+#: Seconds the clients get to exit on their own after the aggregator finished.
+CLIENT_EXIT_GRACE = 15.0
+#: Seconds between SIGTERM and SIGKILL when stopping a process group.
+STOP_GRACE = 5.0
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def override(job: FederatedJob, rounds: int | None, clients: int | None,
+             metrics_port: int | None) -> FederatedJob:
+    """The job with the command line's overrides and free local ports."""
+    data = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec = data["spec"]
+    if rounds is not None:
+        spec["rounds"] = rounds
+    if clients is not None:
+        spec["clients"]["replicas"] = clients
+        spec["strategy"]["minClients"] = min(spec["strategy"]["minClients"], clients)
+    port = free_port()
+    spec["aggregator"]["port"] = port
+    spec["aggregator"]["metricsPort"] = metrics_port or free_port()
+    while spec["aggregator"]["metricsPort"] == port:
+        spec["aggregator"]["metricsPort"] = free_port()
+    return FederatedJob.model_validate(data)
+
+
+def prepare_run_folder(job: FederatedJob, folder: Path) -> Path:
+    """Token, RuntimeConfig and log folder; a fresh start (old checkpoints removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    (folder / "logs").mkdir(exist_ok=True)
+    token = folder / "token"
+    token.write_text(secrets.token_urlsafe(32))
+    token.chmod(0o600)
+    config = RuntimeConfig(
+        job_name=job.metadata.name, namespace=job.metadata.namespace or "default",
+        spec=job.spec, aggregator_address=f"127.0.0.1:{job.spec.aggregator.port}",
+        bind_address="127.0.0.1", token_file=str(token.resolve()),
+        checkpoint_dir=str((folder / "checkpoints").resolve()),
+        output_dir=str(folder.resolve()))
+    path = folder / "config.yaml"
+    path.write_text(config.to_yaml())
+    return path
+
+
+class ProcessGroup:
+    """Children each in their own session; :meth:`stop` ends every one of them."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = os.environ | {THREADS_ENV: "1", "OMP_NUM_THREADS": "1",
+                                 "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fedkube.cli", *args], stdout=log,
+                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(max(deadline - time.monotonic(), 0.01))
+
+    def stop(self) -> None:
+        """SIGTERM each group, then SIGKILL what is left after a grace period."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p in self.processes.values() if p.poll() is None]
+            for process in alive:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, sig)
+            deadline = time.monotonic() + STOP_GRACE
+            for process in alive:
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(max(deadline - time.monotonic(), 0.01))
+
+
+def fetch(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+        return json.loads(response.read())
+
+
+def progress_table(name: str, report: AggregatorReport | None,
+                   history: list[dict[str, Any]], started: float) -> Table:
+    table = Table(title=f"fedkube run {escape(name)}", title_justify="left")
+    for column in ("phase", "round", "clients", "loss", "accuracy", "s/round", "elapsed"):
+        table.add_column(column, justify="right")
+    last = history[-1] if history else {}
+    if report is None:
+        table.add_row("Starting", "-", "-", "-", "-", "-", f"{time.monotonic() - started:.0f}s")
+        return table
+    loss, accuracy = report.metrics.loss, report.metrics.accuracy
+    table.add_row(
+        report.phase, f"{report.round}/{report.rounds}", str(report.clients_connected),
+        "-" if loss is None else f"{loss:.4f}",
+        "-" if accuracy is None else f"{accuracy:.4f}",
+        f"{last['duration_seconds']:.2f}" if last else "-",
+        f"{time.monotonic() - started:.0f}s")
+    return table
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy of the global model per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [entry["round"] for entry in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(rounds, [entry["loss"] for entry in history], marker="o")
+    loss_axis.set(title="global loss", xlabel="round", ylabel="loss")
+    accuracy_axis.plot(rounds, [entry["accuracy"] for entry in history], marker="o",
+                       color="tab:green")
+    accuracy_axis.set(title="global accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _follow(job: FederatedJob, group: ProcessGroup,
+            aggregator: subprocess.Popen[bytes]) -> int:
+    """Show progress until the aggregator exits; its exit code."""
+    port = job.spec.aggregator.metrics_port
+    started = time.monotonic()
+    report, history = None, []
+    with Live(progress_table(job.metadata.name, None, [], started), console=console,
+              refresh_per_second=4) as live:
+        while aggregator.poll() is None:
+            try:
+                report = AggregatorReport.model_validate(fetch(port, "/status"))
+                history = fetch(port, "/history")
+            except OSError:
+                pass  # not up yet, or just exited
+            live.update(progress_table(job.metadata.name, report, history, started))
+            time.sleep(0.25)
+    return int(aggregator.returncode)
+
+
+def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None = None,
+              output: Path | None = None, metrics_port: int | None = None) -> int:
+    """Run the first FederatedJob of ``job_file``; the exit code (130 on Ctrl-C)."""
+    try:
+        jobs = load_jobs(job_file)
+    except InvalidJobError as error:
+        for problem in error.problems:
+            console.print(f"[red]✗[/red] {escape(str(problem))}", soft_wrap=True)
+        return 1
+    job = override(jobs[0], rounds, clients, metrics_port)
+    folder = output or Path("runs") / job.metadata.name
+    config = prepare_run_folder(job, folder)
+    group = ProcessGroup(folder / "logs")
+    # SIGTERM stops the run as Ctrl-C does, so that a supervisor never orphans the children.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with ExitStack() as cleanup:
+        cleanup.callback(signal.signal, signal.SIGTERM, previous)
+        cleanup.callback(group.stop)
+        try:
+            aggregator = group.start("aggregator", "aggregator", "--config", str(config))
+            for index in range(job.spec.clients.replicas):
+                group.start(f"client-{index}", "client", "--config", str(config),
+                            "--index", str(index))
+            code = _follow(job, group, aggregator)
+            group.wait_all(CLIENT_EXIT_GRACE)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping the aggregator and the clients[/yellow]")
+            return 130
+    if code != 0:
+        console.print(f"[red]✗[/red] the aggregator exited with {code}; logs in "
+                      f"{folder / 'logs'}")
+        return code
+    history = json.loads((folder / "history.json").read_text())
+    plot_history(history, folder / "history.png")
+    last = history[-1]
+    console.print(f"[green]✓[/green] {job.metadata.name}: {len(history)} rounds, "
+                  f"loss {last['loss']:.4f}, accuracy {last['accuracy']:.4f}; "
+                  f"model, history.json and history.png in {folder}")
+    return 0
