@@ -2,7 +2,7 @@
 
 :class:`Prometheus` writes a scrape config for static targets, starts the server with its
 storage in a temporary directory, waits until it is ready, and answers PromQL through the
-HTTP API. The scrape interval is one second so that a run of a few seconds leaves enough
+HTTP API. The scrape interval is 100 ms so that a run of a second or two leaves enough
 samples for ``rate()`` windows.
 """
 
@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-SCRAPE_INTERVAL_S = 1
+# A local run's rounds take tens of milliseconds: scrape often enough to see several of them.
+SCRAPE_INTERVAL_MS = 100
+SCRAPE_INTERVAL_S = SCRAPE_INTERVAL_MS / 1000
 
 
 def free_port() -> int:
@@ -56,8 +58,8 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "prometheus.log"
         config = {
-            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s",
-                       "scrape_timeout": f"{SCRAPE_INTERVAL_S}s"},
+            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_MS}ms",
+                       "scrape_timeout": f"{SCRAPE_INTERVAL_MS}ms"},
             "scrape_configs": [
                 # honor_labels: the aggregator's own `job` label (the FederatedJob's name) must
                 # win over the scrape job's, as in the chart's PodMonitor.

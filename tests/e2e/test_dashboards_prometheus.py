@@ -21,12 +21,12 @@ import pytest
 from prometheus_client import start_http_server
 
 from fedkube.federation.metrics import AggregatorMetrics
-from tests.e2e.prometheus import SCRAPE_INTERVAL_S, Prometheus, free_port
+from tests.e2e.prometheus import SCRAPE_INTERVAL_MS, SCRAPE_INTERVAL_S, Prometheus, free_port
 from tests.promql import dashboard_exprs, substitute
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "charts" / "fedkube" / "dashboards"
 # Grafana's $__rate_interval is max(4 x scrape interval, step + scrape interval).
-RATE_INTERVAL = f"{4 * SCRAPE_INTERVAL_S}s"
+RATE_INTERVAL = f"{4 * SCRAPE_INTERVAL_MS}ms"
 
 JOB = """\
 apiVersion: fedkube.io/v1alpha1
@@ -35,8 +35,8 @@ metadata: {name: e2e-digits, namespace: e2e}
 spec:
   task:
     entrypoint: fedkube.tasks.digits:task
-    config: {hidden: 16, lr: 0.1, localEpochs: 1}
-  rounds: 6
+    config: {hidden: 64, lr: 0.1, localEpochs: 3}
+  rounds: 20
   strategy: {name: fedavg, minClients: 2, roundTimeoutSeconds: 60}
   clients:
     replicas: 2
@@ -94,13 +94,21 @@ def test_job_dashboard_panels_return_data_after_a_real_run(tmp_path: Path,
     with Prometheus(tmp_path, {"aggregator": [f"127.0.0.1:{port}"]}) as prom:
         prom.wait_scraping()
         start = time.time()
-        run = subprocess.run([*command, str(job), "--metrics-port", str(port)],
+        run = subprocess.run([*command, str(job), "--metrics-port", str(port),
+                              "--output", str(tmp_path / "run")],
                              capture_output=True, text=True, env=env, timeout=240,
                              cwd=tmp_path, check=False)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         # Let the last scrapes land in the TSDB.
         time.sleep(2 * SCRAPE_INTERVAL_S)
-        assert_every_panel_returns_data(prom, "federated-job.json", start, time.time())
+        end = time.time()
+        assert_every_panel_returns_data(prom, "federated-job.json", start, end)
+        # The scrapes saw the training, not only the metrics' initial zeros.
+        selector = '{namespace="e2e", job="e2e-digits"}'
+        (rounds,) = prom.query_range(f"fedkube_round{selector}", start, end)
+        assert max(rounds.finite()) >= 2
+        (accuracy,) = prom.query_range(f"fedkube_global_accuracy{selector}", start, end)
+        assert max(accuracy.finite()) > 0.2
 
 
 def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
