@@ -1,0 +1,113 @@
+"""The task interface: what a FederatedJob trains, as a ``module:attribute`` entrypoint.
+
+A task owns the model, the data and the training loop; the runtime only moves weights.
+``spec.task.config`` reaches every method unchanged, so a task reads its own settings there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fedkube.api import PartitioningSpec
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training reports."""
+
+    num_examples: int
+    """Examples the client trained on (the FedAvg weight of its update)."""
+
+    metrics: dict[str, float]
+    """Training metrics, e.g. ``{"loss": 0.31}``."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The global model's quality on the task's held-out test set."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Model, client data, local training and evaluation of one learning problem."""
+
+    def model(self, config: Mapping[str, Any]) -> torch.nn.Module:
+        """A freshly initialised model, the same for the same ``config["seed"]`` (default 0)."""
+        ...
+
+    def client_data(
+        self,
+        index: int,
+        num_clients: int,
+        partitioning: PartitioningSpec,
+        config: Mapping[str, Any],
+    ) -> Any:
+        """Client ``index``'s share of the training data; opaque to the runtime."""
+        ...
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device,
+        proximal_mu: float = 0.0,
+    ) -> TrainResult:
+        """Train ``model`` in place from its current (global) weights on ``data``.
+
+        With ``proximal_mu > 0`` (FedProx) the loss gains ``mu/2 * ||w - w_global||^2``,
+        ``w_global`` being the weights at call time.
+        """
+        ...
+
+    def evaluate(
+        self, model: torch.nn.Module, config: Mapping[str, Any], *, device: torch.device
+    ) -> EvalResult:
+        """Loss and accuracy of ``model`` on the task's held-out test set."""
+        ...
+
+
+def load_task(entrypoint: str) -> Task:
+    """Import the task named ``module:attribute`` (``spec.task.entrypoint``)."""
+    module_name, sep, attribute = entrypoint.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(
+            f"spec.task.entrypoint {entrypoint!r} is not 'module:attribute': "
+            "write e.g. 'fedkube.tasks.digits:task'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"spec.task.entrypoint {entrypoint!r}: cannot import module {module_name!r} "
+            f"({error}): install the task's package in the runtime image or fix the name"
+        ) from error
+    try:
+        task = getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(
+            f"spec.task.entrypoint {entrypoint!r}: module {module_name!r} has no attribute "
+            f"{attribute!r}: fix the name after the colon"
+        ) from None
+    if not isinstance(task, Task):
+        missing = [
+            name
+            for name in ("model", "client_data", "train", "evaluate")
+            if not callable(getattr(task, name, None))
+        ]
+        raise ValueError(
+            f"spec.task.entrypoint {entrypoint!r} is a {type(task).__name__}, not a task: "
+            f"it lacks {', '.join(missing)}; point it at an object with model, client_data, "
+            "train and evaluate (see fedkube.tasks.base.Task)"
+        )
+    return task
