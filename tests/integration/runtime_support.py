@@ -1,0 +1,129 @@
+"""Real aggregator and client processes on 127.0.0.1 for the runtime tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedkube.api import FederatedJobSpec
+from fedkube.api.runtime import RuntimeConfig
+from fedkube.federation.runtime import THREADS_ENV
+from fedkube.local import free_port
+
+ENV = os.environ | {THREADS_ENV: "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_clients: int = 2,
+                timeout: int = 30, task_config: dict[str, Any] | None = None,
+                token: str | None = "s3cret", **spec: Any) -> Path:
+    """A RuntimeConfig file for a small digits job with free ports."""
+    port, metrics_port = free_port(), free_port()
+    job_spec = FederatedJobSpec.model_validate({
+        "task": {"entrypoint": "fedkube.tasks.digits:task",
+                 "config": task_config or {"hidden": 16, "lr": 0.1}},
+        "rounds": rounds,
+        "strategy": {"minClients": min_clients, "roundTimeoutSeconds": timeout},
+        "clients": {"replicas": clients},
+        "aggregator": {"port": port, "metricsPort": metrics_port},
+        **spec,
+    })
+    token_file = None
+    if token is not None:
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+    config = RuntimeConfig(
+        job_name="test", namespace="ns", spec=job_spec,
+        aggregator_address=f"127.0.0.1:{port}", bind_address="127.0.0.1",
+        token_file=str(token_file) if token_file else None,
+        checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"))
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    return path
+
+
+class Processes:
+    """Processes started by a test, each in its own group; all killed at the end."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "fedkube.cli", *args],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env or ENV,
+                                       start_new_session=True)
+        self.started.append(process)
+        return process
+
+    def aggregator(self, config: Path) -> subprocess.Popen[bytes]:
+        return self.start("aggregator", "aggregator", "--config", str(config))
+
+    def client(self, config: Path, index: int) -> subprocess.Popen[bytes]:
+        return self.start(f"client-{index}", "client", "--config", str(config),
+                          "--index", str(index))
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text()
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    group = Processes(tmp_path)
+    try:
+        yield group
+    finally:
+        group.kill_all()
+
+
+def metrics_port(config: Path) -> int:
+    return RuntimeConfig.from_file(config).spec.aggregator.metrics_port
+
+
+def http_get(config: Path, path: str) -> str:
+    url = f"http://127.0.0.1:{metrics_port(config)}{path}"
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.read().decode()
+
+
+def status(config: Path) -> dict[str, Any]:
+    return json.loads(http_get(config, "/status"))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus exposition."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels} in the exposition")

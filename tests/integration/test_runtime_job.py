@@ -1,0 +1,119 @@
+"""A whole job with real aggregator and client processes over 127.0.0.1 gRPC."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import torch
+from runtime_support import http_get, make_config, metric_value, processes, status, wait_for
+
+from fedkube.federation import checkpoint
+
+
+def test_a_job_completes_with_model_history_and_exit_codes(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=3, clients=2)
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        clients = [group.client(config, i) for i in range(2)]
+        assert aggregator.wait(120) == 0, group.log("aggregator")
+        assert [c.wait(30) for c in clients] == [0, 0], group.log("client-0")
+    history = json.loads((tmp_path / "output" / "history.json").read_text())
+    assert [entry["round"] for entry in history] == [1, 2, 3]
+    assert all(entry["clients"] == 2 and entry["rejected"] == 0 for entry in history)
+    assert history[-1]["accuracy"] > 0.5
+    model = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+    saved = checkpoint.load(tmp_path / "checkpoints")
+    assert saved is not None and saved.round == 3
+    assert model.keys() == saved.model.keys()
+    assert all(torch.equal(model[k], saved.model[k]) for k in model)
+
+
+def test_a_client_killed_mid_round_does_not_stop_the_round(tmp_path: Path) -> None:
+    # Slow local training (many epochs) so that the kill lands while the client trains.
+    config = make_config(tmp_path, rounds=3, clients=3, min_clients=2, timeout=4,
+                         task_config={"hidden": 16, "localEpochs": 40})
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        clients = [group.client(config, i) for i in range(3)]
+        wait_for(lambda: status(config)["phase"] == "Running", 60, "the first round")
+        clients[2].send_signal(signal.SIGKILL)
+        assert aggregator.wait(120) == 0, group.log("aggregator")
+    history = json.loads((tmp_path / "output" / "history.json").read_text())
+    assert [entry["round"] for entry in history] == [1, 2, 3]
+    assert history[0]["sampled"] == 3 and history[0]["clients"] == 2, history[0]
+
+
+def test_a_restarted_aggregator_resumes_after_its_last_checkpoint(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=12, clients=2,
+                         task_config={"hidden": 16, "localEpochs": 5})
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        clients = [group.client(config, i) for i in range(2)]
+        wait_for(lambda: status(config)["round"] >= 2, 60, "two rounds")
+        aggregator.send_signal(signal.SIGKILL)
+        aggregator.wait()
+        saved = checkpoint.load(tmp_path / "checkpoints")
+        assert saved is not None and 2 <= saved.round < 12
+        restarted = group.aggregator(config)
+        wait_for(lambda: status(config)["round"] >= saved.round, 60, "the restarted aggregator")
+        # Straight after the restart, the aggregator serves the checkpointed round and model.
+        assert status(config)["round"] in (saved.round, saved.round + 1)
+        assert restarted.wait(120) == 0, group.log("aggregator")
+        assert [c.wait(30) for c in clients] == [0, 0], group.log("client-0")
+    log = group.log("aggregator")
+    assert f"resumed from the checkpoint after round {saved.round}" in log
+    assert f"round {saved.round + 1}/12:" in log.split("resumed from the checkpoint")[1]
+    history = json.loads((tmp_path / "output" / "history.json").read_text())
+    assert [entry["round"] for entry in history] == list(range(1, 13))
+    assert history[:saved.round] == saved.history
+
+
+def test_the_restored_model_is_the_checkpointed_one(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=2, clients=2)
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        [group.client(config, i) for i in range(2)]
+        assert aggregator.wait(120) == 0, group.log("aggregator")
+        saved = checkpoint.load(tmp_path / "checkpoints")
+        assert saved is not None
+        (tmp_path / "output" / "model.pt").unlink()
+        # An aggregator restarted after its final checkpoint writes that very model out.
+        assert group.aggregator(config).wait(60) == 0, group.log("aggregator")
+    model = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+    assert all(torch.equal(model[k], saved.model[k]) for k in saved.model)
+
+
+def test_a_wrong_token_is_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=2, timeout=5)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        wait_for(lambda: http_get(config, "/healthz"), 60, "the aggregator")  # token read
+        (tmp_path / "token").write_text("not-the-token")
+        impostor = group.client(config, 0)
+        assert impostor.wait(60) == 2
+        assert "refused this client's credential" in group.log("client-0")
+        assert "wrong credential" in group.log("aggregator")
+        assert status(config)["clientsConnected"] == 0
+
+
+def test_metrics_and_status_are_served(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=200, clients=2)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        wait_for(lambda: http_get(config, "/healthz") == "ok\n", 60, "/healthz")
+        assert status(config)["phase"] == "Waiting"
+        text = http_get(config, "/metrics")
+        assert metric_value(text, "fedkube_rounds_total", job="test", namespace="ns") == 200
+        [group.client(config, i) for i in range(2)]
+        wait_for(lambda: status(config)["round"] >= 2, 60, "two rounds")
+        text = http_get(config, "/metrics")
+        report = status(config)
+    completed = metric_value(text, "fedkube_round", job="test", namespace="ns")
+    assert completed >= 2
+    assert metric_value(text, "fedkube_updates_total", status="accepted") >= 2 * completed
+    assert metric_value(text, "fedkube_global_accuracy", job="test") > 0
+    assert metric_value(text, "fedkube_clients_connected", job="test") == 2
+    assert report["phase"] == "Running" and report["rounds"] == 200
+    assert report["metrics"]["accuracy"] > 0
