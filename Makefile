@@ -52,5 +52,16 @@ dashboards: $(STAMP)
 chart: $(STAMP) tools
 	$(BIN)/python hack/check_chart.py
 
+# Flower pins an older protobuf than ours, so it gets its own venv (1.42.0 needs a newer
+# certifi than the registry here serves, so the bench pins 1.41.0).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q flwr==1.41.0
+	@touch $@
+
+bench: $(STAMP) $(BENCH_VENV)/.installed
+	$(BIN)/python hack/bench_strategies.py --flower-python $(BENCH_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
