@@ -139,7 +139,7 @@ class DigitsTask:
         total, batches = 0.0, 0
         for _ in range(settings.local_epochs):
             order = torch.randperm(len(data), generator=data.shuffle).to(device)
-            for batch in order.split(settings.batch_size):
+            for batch in torch.split(order, settings.batch_size):
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(features[batch]), labels[batch])
                 if anchor:
@@ -148,7 +148,7 @@ class DigitsTask:
                         for p, a in zip(model.parameters(), anchor, strict=True)
                     )
                     loss = loss + proximal_mu / 2 * drift
-                loss.backward()
+                torch.autograd.backward(loss)
                 optimizer.step()
                 total += loss.item()
                 batches += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedkube.federation.strategies.base import Fold, MeanFold, Strategy
@@ -21,8 +23,8 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, *, device: torch.device, proximal_mu: float, **privacy: object) -> None:
-        super().__init__(device=device, **privacy)  # type: ignore[arg-type]
+    def __init__(self, *, device: torch.device, proximal_mu: float, **privacy: Any) -> None:
+        super().__init__(device=device, **privacy)
         self._mu = proximal_mu
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,8 +58,8 @@ class TrimmedMean(_Stacked):
 
     name = "trimmedmean"
 
-    def __init__(self, *, trim_fraction: float, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, trim_fraction: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.trim_fraction = trim_fraction
 
     def combine(self, rows: Tensor) -> Tensor:
@@ -84,8 +85,8 @@ class Krum(_Stacked):
 
     name = "krum"
 
-    def __init__(self, *, byzantine_clients: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, byzantine_clients: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.byzantine = byzantine_clients
 
     def selected(self, n: int) -> int:
@@ -105,7 +106,7 @@ class MultiKrum(Krum):
 
     name = "multikrum"
 
-    def __init__(self, *, krum_select: int | None, **kwargs: object) -> None:
+    def __init__(self, *, krum_select: int | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.krum_select = krum_select
 
