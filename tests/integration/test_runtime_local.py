@@ -1,0 +1,67 @@
+"""`fedkube run`: a whole job on this machine, and Ctrl-C leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from runtime_support import ENV, status, wait_for
+
+JOB = """
+apiVersion: fedkube.io/v1alpha1
+kind: FederatedJob
+metadata: {name: tiny}
+spec:
+  task: {entrypoint: "fedkube.tasks.digits:task", config: {hidden: 16, lr: 0.1}}
+  rounds: 3
+  strategy: {name: fedavg, minClients: 2, roundTimeoutSeconds: 30}
+  clients: {replicas: 2, data: {partitioning: {scheme: dirichlet, alpha: 0.5, seed: 0}}}
+"""
+
+
+def _fedkube_run(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    return subprocess.Popen([sys.executable, "-m", "fedkube.cli", "run", str(job), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV, cwd=tmp_path, start_new_session=True)
+
+
+def test_fedkube_run_writes_model_history_and_plot(tmp_path: Path) -> None:
+    run = _fedkube_run(tmp_path, "--rounds", "2", "--clients", "3")
+    output, _ = run.communicate(timeout=180)
+    assert run.returncode == 0, output
+    folder = tmp_path / "runs" / "tiny"
+    history = json.loads((folder / "history.json").read_text())
+    assert [entry["round"] for entry in history] == [1, 2]
+    assert all(entry["clients"] >= 2 for entry in history)  # minClients: 2 of 3
+    assert (folder / "model.pt").stat().st_size > 0
+    assert (folder / "history.png").read_bytes().startswith(b"\x89PNG")
+    assert "accuracy" in output
+
+
+def test_invalid_job_prints_the_problems_and_exits_1(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("replicas: 2", "replica: 2"))
+    run = subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(job)],
+                         capture_output=True, text=True, env=ENV, timeout=60, check=False)
+    assert run.returncode == 1
+    assert "spec.clients.replica" in run.stderr and "did you mean 'replicas'" in run.stderr
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    run = _fedkube_run(tmp_path, "--rounds", "100000", "-o", str(tmp_path / "out"))
+    parent = psutil.Process(run.pid)
+    children = wait_for(lambda: len(parent.children()) == 3 and parent.children(), 60,
+                        "the aggregator and two clients")
+    config = tmp_path / "out" / "config.yaml"
+    wait_for(lambda: status(config)["round"] >= 1, 120, "a round to complete")
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 130, output
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"orphans left behind: {alive}"
