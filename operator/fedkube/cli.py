@@ -110,5 +110,18 @@ def run(job_file: Path, rounds: int | None, clients: int | None, output: Path | 
                        metrics_port=metrics_port))
 
 
+@main.command()
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def render(files: tuple[Path, ...]) -> None:
+    """Print the objects the operator would create for each FederatedJob, as a YAML stream.
+
+    The Secret's token is a placeholder here; the operator draws a random one.
+    """
+    from fedkube.controller.render import render_files
+
+    click.echo(render_files(files), nl=False)
+
+
 if __name__ == "__main__":
     main()

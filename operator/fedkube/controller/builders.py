@@ -1,0 +1,281 @@
+"""Pure builders: a FederatedJob -> the Kubernetes objects that make it real.
+
+Nothing here talks to a cluster. ``fedkube render`` prints exactly what these return, and the
+reconcile compares what exists with what they return, so both stay the same by construction.
+Names are deterministic (``<job>-aggregator``, ``<job>-client-<i>``): creating one twice is a
+409 AlreadyExists, never a duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedkube import __version__
+from fedkube.api import API_VERSION, KIND, FederatedJob
+from fedkube.api.constants import (
+    LABEL_CLIENT_INDEX,
+    LABEL_JOB,
+    LABEL_ROLE,
+    ROLE_AGGREGATOR,
+    ROLE_CLIENT,
+)
+from fedkube.api.runtime import (
+    CHECKPOINT_DIR,
+    CONFIG_MOUNT_PATH,
+    OUTPUT_DIR,
+    TOKEN_MOUNT_PATH,
+    RuntimeConfig,
+)
+from fedkube.api.types import ApiModel
+
+Manifest = dict[str, Any]
+
+CONFIG_KEY = CONFIG_MOUNT_PATH.rsplit("/", 1)[1]
+TOKEN_KEY = TOKEN_MOUNT_PATH.rsplit("/", 1)[1]
+#: Label of the PodGroup a pod belongs to (scheduler-plugins coscheduling).
+LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
+PODGROUP_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
+#: Namespaces carrying this label (e.g. Prometheus') may scrape aggregators.
+LABEL_MONITORING_NAMESPACE = "fedkube.io/monitoring"
+#: Labels of the operator's pods, which poll the aggregator's /status.
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "fedkube",
+                       "app.kubernetes.io/component": "operator"}
+
+
+def configmap_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def secret_name(job: str) -> str:
+    return f"{job}-token"
+
+
+def aggregator_name(job: str) -> str:
+    """Name of the aggregator Pod, of its Service and of its NetworkPolicy."""
+    return f"{job}-aggregator"
+
+
+def client_name(job: str, index: int) -> str:
+    return f"{job}-client-{index}"
+
+
+def podgroup_name(job: str) -> str:
+    return job
+
+
+def labels(job: FederatedJob, role: str | None = None) -> dict[str, str]:
+    """The labels every child carries; selectors, dashboards and the reconcile rely on them."""
+    out = {
+        "app.kubernetes.io/name": "fedkube",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/managed-by": "fedkube-operator",
+        "app.kubernetes.io/part-of": "fedkube",
+        "app.kubernetes.io/version": __version__,
+        LABEL_JOB: job.name,
+    }
+    if role is not None:
+        out["app.kubernetes.io/component"] = role
+        out[LABEL_ROLE] = role
+    return out
+
+
+def owner_reference(job: FederatedJob) -> Manifest | None:
+    """The controller reference to the job, or None when it has no uid yet (``render``)."""
+    uid = (job.metadata.model_extra or {}).get("uid")
+    if not uid:
+        return None
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": job.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(job: FederatedJob, name: str, role: str | None = None,
+              extra_labels: dict[str, str] | None = None) -> Manifest:
+    meta: Manifest = {"name": name, "namespace": job.namespace,
+                      "labels": {**labels(job, role), **(extra_labels or {})}}
+    owner = owner_reference(job)
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+def aggregator_host(job: FederatedJob) -> str:
+    """DNS name of the aggregator Service, as clients and the operator reach it."""
+    return f"{aggregator_name(job.name)}.{job.namespace}.svc"
+
+
+def runtime_config(job: FederatedJob) -> RuntimeConfig:
+    return RuntimeConfig(
+        job_name=job.name, namespace=job.namespace, spec=job.spec,
+        aggregator_address=f"{aggregator_host(job)}:{job.spec.aggregator.port}",
+    )
+
+
+def configmap(job: FederatedJob) -> Manifest:
+    """The resolved job config that every pod reads with ``--config`` (no secrets in it)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(job, configmap_name(job.name)),
+            "data": {CONFIG_KEY: runtime_config(job).to_yaml()}}
+
+
+def secret(job: FederatedJob, token: str) -> Manifest:
+    """The job's client credential; created once, so ``token`` is drawn by the caller."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _metadata(job, secret_name(job.name)), "stringData": {TOKEN_KEY: token}}
+
+
+def service(job: FederatedJob) -> Manifest:
+    agg = job.spec.aggregator
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR),
+        "spec": {
+            "selector": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR},
+            "ports": [
+                {"name": "grpc", "port": agg.port, "targetPort": "grpc", "protocol": "TCP"},
+                {"name": "metrics", "port": agg.metrics_port, "targetPort": "metrics",
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _dump(model: ApiModel) -> Any:
+    return model.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+def _volume_dir(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def _pod(job: FederatedJob, name: str, role: str, args: list[str],
+         extra_labels: dict[str, str]) -> Manifest:
+    spec, sec, sched = job.spec, job.spec.security, job.spec.scheduling
+    role_spec = spec.aggregator if role == ROLE_AGGREGATOR else spec.clients
+    pod_labels = dict(extra_labels)
+    if sched.gang:
+        pod_labels[LABEL_POD_GROUP] = podgroup_name(job.name)
+    mounts = [
+        {"name": "config", "mountPath": _volume_dir(CONFIG_MOUNT_PATH), "readOnly": True},
+        {"name": "token", "mountPath": _volume_dir(TOKEN_MOUNT_PATH), "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": configmap_name(job.name)}},
+        {"name": "token", "secret": {"secretName": secret_name(job.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    container: Manifest = {
+        "name": role,
+        "image": role_spec.image,
+        "imagePullPolicy": role_spec.image_pull_policy,
+        "command": ["fedkube"],
+        "args": args,
+        "env": [_dump(e) for e in role_spec.env],
+        "resources": _dump(role_spec.resources),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if role == ROLE_AGGREGATOR:
+        agg = spec.aggregator
+        container["ports"] = [
+            {"name": "grpc", "containerPort": agg.port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": agg.metrics_port, "protocol": "TCP"},
+        ]
+        container["readinessProbe"] = {"httpGet": {"path": "/status", "port": "metrics"},
+                                       "periodSeconds": 5}
+        claim = agg.checkpoint.claim_name
+        volumes += [
+            {"name": "checkpoints",
+             **({"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}})},
+            {"name": "output", "emptyDir": {}},
+        ]
+        mounts += [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+                   {"name": "output", "mountPath": OUTPUT_DIR}]
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",  # the operator recreates failed pods and counts restarts
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": sec.run_as_user, "runAsGroup": sec.run_as_user,
+            "fsGroup": sec.fs_group, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if sched.node_selector:
+        pod_spec["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [_dump(t) for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    if sched.scheduler_name:
+        pod_spec["schedulerName"] = sched.scheduler_name
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": _metadata(job, name, role, pod_labels), "spec": pod_spec}
+
+
+def aggregator_pod(job: FederatedJob) -> Manifest:
+    return _pod(job, aggregator_name(job.name), ROLE_AGGREGATOR,
+                ["aggregator", "--config", CONFIG_MOUNT_PATH], {})
+
+
+def client_pod(job: FederatedJob, index: int) -> Manifest:
+    return _pod(job, client_name(job.name, index), ROLE_CLIENT,
+                ["client", "--config", CONFIG_MOUNT_PATH, "--index", str(index)],
+                {LABEL_CLIENT_INDEX: str(index)})
+
+
+def network_policy(job: FederatedJob) -> Manifest:
+    """Only this job's clients reach the gRPC port; only the operator and namespaces labelled
+    ``fedkube.io/monitoring: "true"`` (Prometheus) reach the metrics port."""
+    agg = job.spec.aggregator
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR),
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name,
+                                                           LABEL_ROLE: ROLE_CLIENT}}}],
+                 "ports": [{"protocol": "TCP", "port": agg.port}]},
+                {"from": [
+                    {"namespaceSelector": {"matchLabels": {LABEL_MONITORING_NAMESPACE: "true"}}},
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}},
+                 ],
+                 "ports": [{"protocol": "TCP", "port": agg.metrics_port}]},
+            ],
+        },
+    }
+
+
+def podgroup(job: FederatedJob) -> Manifest:
+    """All-or-nothing scheduling of the aggregator and ``minClients`` clients."""
+    return {"apiVersion": PODGROUP_API_VERSION, "kind": "PodGroup",
+            "metadata": _metadata(job, podgroup_name(job.name)),
+            "spec": {"minMember": 1 + job.spec.strategy.min_clients}}
+
+
+def client_pods(job: FederatedJob) -> list[Manifest]:
+    return [client_pod(job, i) for i in range(job.spec.clients.replicas)]
+
+
+def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
+    """Everything but the pods, in creation order (pods mount the ConfigMap and Secret)."""
+    out = [configmap(job), secret(job, token), service(job)]
+    if job.spec.security.network_policy:
+        out.append(network_policy(job))
+    if job.spec.scheduling.gang:
+        out.append(podgroup(job))
+    return out
+
+
+def all_objects(job: FederatedJob, token: str) -> list[Manifest]:
+    """What the operator creates for a fresh job (``fedkube render``)."""
+    return [*support_objects(job, token), aggregator_pod(job), *client_pods(job)]

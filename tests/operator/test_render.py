@@ -1,0 +1,49 @@
+"""Every object ``fedkube render crds/samples/*.yaml`` prints is valid Kubernetes, strictly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((ROOT / "crds" / "samples").glob("*.yaml"))
+K8S_VERSION = "1.33.0"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "fedkube.cli", "render", *map(str, SAMPLES)],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return list(yaml.safe_load_all(out))
+
+
+def test_every_builtin_object_validates_strictly(rendered: list[dict]) -> None:
+    builtin = [o for o in rendered if o["kind"] != "PodGroup"]
+    assert {o["kind"] for o in builtin} >= {"ConfigMap", "Secret", "Service", "Pod",
+                                            "NetworkPolicy"}
+    for obj in builtin:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_podgroup_has_only_known_fields(rendered: list[dict]) -> None:
+    # PodGroup is a CRD of scheduler-plugins that kubernetes-validate has no schema for:
+    # check it against the fields of scheduling.x-k8s.io/v1alpha1 PodGroupSpec.
+    groups = [o for o in rendered if o["kind"] == "PodGroup"]
+    assert groups, "a sample with scheduling.gang: true should render a PodGroup"
+    known = {"minMember", "minResources", "scheduleTimeoutSeconds"}
+    for group in groups:
+        assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
+        assert set(group["spec"]) <= known
+        assert group["spec"]["minMember"] >= 2
+
+
+def test_unknown_field_is_caught(rendered: list[dict]) -> None:
+    pod = next(o for o in rendered if o["kind"] == "Pod")
+    bad = {**pod, "spec": {**pod["spec"], "restartPolcy": "Never"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
