@@ -1,0 +1,396 @@
+"""The level-based reconcile, as a pure decision: (job, observed children, now) -> actions.
+
+Given what exists, it says what to create and delete, which Events to post and what the
+status becomes. It never talks to a cluster, so every rule is unit-tested without a server,
+and running it twice on the same observation gives the same answer (idempotent): the glue
+in :mod:`fedkube.controller.handlers` performs the actions, treating 409 and 404 as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from fedkube.api import FederatedJob
+from fedkube.api.constants import GROUP, LABEL_ROLE, ROLE_CLIENT
+from fedkube.api.runtime import AggregatorReport
+from fedkube.api.status import Condition, ConditionType, FederatedJobStatus, Phase
+from fedkube.controller import builders
+from fedkube.controller.builders import Manifest
+
+#: Annotation on the job holding the hash of the spec parts a started job cannot change.
+ANNOTATION_ACCEPTED_SPEC = f"{GROUP}/accepted-spec-hash"
+#: Spec fields baked into running pods' config; changing them mid-job is rejected.
+IMMUTABLE_FIELDS = ("task", "rounds", "strategy", "privacy", "transport")
+STUCK_WAITING_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff",
+                                   "InvalidImageName", "CreateContainerConfigError"})
+
+
+@dataclass(frozen=True)
+class Create:
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class Delete:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    """Delete the FederatedJob itself (``ttlSecondsAfterFinished`` passed)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+Action = Create | Delete | DeleteJob | Event
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What exists of a job's children right now."""
+
+    pods: list[Manifest] = field(default_factory=list)
+    """The job's pods (already filtered by the ``fedkube.io/job`` label)."""
+    support: frozenset[tuple[str, str]] = frozenset()
+    """``(kind, name)`` of the ConfigMap, Secret, Service, NetworkPolicy, PodGroup present."""
+    report: AggregatorReport | None = None
+    """The aggregator's ``/status``, when it answered."""
+
+
+@dataclass
+class Decision:
+    actions: list[Action]
+    status: FederatedJobStatus
+    accepted_spec_hash: str
+    """Value for :data:`ANNOTATION_ACCEPTED_SPEC` (unchanged when the spec was rejected)."""
+    restarted_roles: list[str] = field(default_factory=list)
+    created: bool = False
+    completed: Phase | None = None
+
+    @property
+    def events(self) -> list[Event]:
+        return [a for a in self.actions if isinstance(a, Event)]
+
+
+def spec_hash(job: FederatedJob) -> str:
+    """Hash of the spec fields a started job cannot take on (see :data:`IMMUTABLE_FIELDS`)."""
+    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS))
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pod_phase(pod: Manifest) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _pod_condition(pod: Manifest, type_: str) -> Manifest | None:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def stuck_reason(pod: Manifest) -> tuple[str, str] | None:
+    """``(reason, message)`` when the pod cannot make progress on its own, else None."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            return waiting["reason"], waiting.get("message", "")
+    scheduled = _pod_condition(pod, "PodScheduled")
+    if scheduled and scheduled.get("status") == "False" and \
+            scheduled.get("reason") == "Unschedulable":
+        return "Unschedulable", scheduled.get("message", "")
+    return None
+
+
+def stuck_since(pod: Manifest) -> datetime | None:
+    """When the pod last stopped being ready (or was created): the stuck clock's start."""
+    for type_ in ("Ready", "PodScheduled"):
+        condition = _pod_condition(pod, type_)
+        if condition and condition.get("status") == "False":
+            since = _parse_time(condition.get("lastTransitionTime"))
+            if since is not None:
+                return since
+    return _parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+
+
+def set_condition(status: FederatedJobStatus, type_: ConditionType, value: bool, reason: str,
+                  message: str, now: datetime) -> tuple[FederatedJobStatus, bool]:
+    """Set a condition; its lastTransitionTime moves only when its status flips.
+
+    Returns the new status and whether the condition flipped (a transition worth an Event)."""
+    new = "True" if value else "False"
+    old = status.condition(type_)
+    if old is None and not value:
+        return status, False  # a condition that never held needs no False entry
+    flipped = old is None or old.status != new
+    since = now if flipped or old is None else old.last_transition_time
+    condition = Condition(type=type_, status=new, reason=reason, message=message,
+                          last_transition_time=since)
+    conditions = [c for c in status.conditions if c.type != type_] + [condition]
+    return status.model_copy(update={"conditions": conditions}), flipped
+
+
+class _Reconciler:
+    """One pass of the decision; a class only to share the pass's state between steps."""
+
+    def __init__(self, job: FederatedJob, generation: int, annotations: dict[str, str],
+                 observed: Observed, now: datetime, new_token: Callable[[], str]) -> None:
+        self.job, self.observed, self.now, self.new_token = job, observed, now, new_token
+        self.spec = job.spec
+        self.status = (job.status or FederatedJobStatus()).model_copy(
+            update={"observed_generation": generation, "rounds": self.spec.rounds})
+        self.accepted = annotations.get(ANNOTATION_ACCEPTED_SPEC)
+        self.decision = Decision(actions=[], status=self.status, accepted_spec_hash="")
+        self.pods = {p["metadata"]["name"]: p for p in observed.pods
+                     if not p["metadata"].get("deletionTimestamp")}
+
+    # --- helpers -------------------------------------------------------------------------
+    def update(self, **fields: Any) -> None:
+        """Replace status fields (the API models are immutable)."""
+        self.status = self.status.model_copy(update=fields)
+
+    def update_clients(self, **fields: Any) -> None:
+        self.update(clients=self.status.clients.model_copy(update=fields))
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.decision.actions.append(Event(type_, reason, message))
+
+    def condition(self, type_: ConditionType, value: bool, reason: str, message: str,
+                  event: Literal["Normal", "Warning"] | None = None) -> None:
+        self.status, flipped = set_condition(self.status, type_, value, reason, message,
+                                             self.now)
+        if flipped and event:
+            self.event(event, reason, message)
+
+    def delete_pod(self, name: str) -> None:
+        self.decision.actions.append(Delete("Pod", name))
+        self.pods.pop(name, None)
+
+    def desired_pod_names(self) -> list[str]:
+        name = self.job.name
+        return [builders.aggregator_name(name),
+                *(builders.client_name(name, i) for i in range(self.spec.clients.replicas))]
+
+    # --- steps ---------------------------------------------------------------------------
+    def run(self) -> Decision:
+        self.check_spec()
+        if self.status.phase.finished:
+            self.finished()
+        elif self.spec.run_policy.suspend:
+            self.suspend()
+        else:
+            self.active()
+        self.count_clients()
+        self.decision.status = self.status
+        return self.decision
+
+    def check_spec(self) -> None:
+        current = spec_hash(self.job)
+        started = self.status.start_time is not None
+        if self.accepted is None or self.accepted == current or not started:
+            self.decision.accepted_spec_hash = current
+            if self.status.condition(ConditionType.SPEC_REJECTED):
+                self.condition(ConditionType.SPEC_REJECTED, False, "SpecAccepted",
+                               "the spec matches the one the job runs with", "Normal")
+            return
+        self.decision.accepted_spec_hash = self.accepted
+        self.condition(
+            ConditionType.SPEC_REJECTED, True, "ImmutableFieldChanged",
+            f"spec.{', spec.'.join(IMMUTABLE_FIELDS)} cannot change once the job started; "
+            "the job keeps running with its original values. Revert the change, or delete "
+            "the job and create a new one", "Warning")
+
+    def finished(self) -> None:
+        self.cleanup()
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        done = self.status.completion_time
+        if ttl is not None and done is not None and (self.now - done).total_seconds() >= ttl:
+            self.event("Normal", "TTLExpired",
+                       f"deleting the job {ttl}s after it finished (ttlSecondsAfterFinished)")
+            self.decision.actions.append(DeleteJob())
+
+    def cleanup(self) -> None:
+        policy = self.spec.run_policy.clean_pod_policy
+        for name, pod in list(self.pods.items()):
+            if policy == "All" or (policy == "Running" and
+                                   pod_phase(pod) not in ("Succeeded", "Failed")):
+                self.delete_pod(name)
+
+    def finish(self, phase: Phase, reason: str, message: str) -> None:
+        self.update(phase=phase, completion_time=self.now, message=message)
+        failed = phase is Phase.FAILED
+        self.condition(ConditionType.RUNNING, False, reason, message)
+        self.condition(ConditionType.RESTARTING, False, reason, message)
+        self.condition(ConditionType.FAILED if failed else ConditionType.SUCCEEDED, True,
+                       reason, message, "Warning" if failed else "Normal")
+        self.decision.completed = phase
+        self.cleanup()
+
+    def suspend(self) -> None:
+        for name in list(self.pods):
+            self.delete_pod(name)
+        self.update_clients(active=0)
+        if self.status.phase is not Phase.SUSPENDED:
+            message = "suspended: pods deleted; unsuspend to resume from checkpoint"
+            self.update(phase=Phase.SUSPENDED, message=message)
+            self.condition(ConditionType.RUNNING, False, "Suspended", message)
+            self.condition(ConditionType.SUSPENDED, True, "Suspended", message, "Normal")
+
+    def active(self) -> None:
+        if self.status.phase is Phase.SUSPENDED:
+            self.update(phase=Phase.PENDING)
+            self.condition(ConditionType.SUSPENDED, False, "Resumed",
+                           "unsuspended: pods recreated, the aggregator resumes from its "
+                           "checkpoint", "Normal")
+        deadline = self.spec.run_policy.active_deadline_seconds
+        start = self.status.start_time
+        if deadline is not None and start is not None and \
+                (self.now - start).total_seconds() >= deadline:
+            self.finish(Phase.FAILED, "DeadlineExceeded",
+                        f"the job ran longer than activeDeadlineSeconds ({deadline}s)")
+            return
+        self.apply_report()
+        aggregator = self.pods.get(builders.aggregator_name(self.job.name))
+        if aggregator is not None and pod_phase(aggregator) == "Succeeded":
+            self.finish(Phase.SUCCEEDED, "AggregatorSucceeded",
+                        f"all {self.spec.rounds} rounds completed")
+            return
+        if self.handle_failed_pods() or self.handle_stuck_pods():
+            return
+        self.scale_down()
+        self.create_missing()
+        self.update_running()
+
+    def apply_report(self) -> None:
+        report = self.observed.report
+        if report is None:
+            return
+        self.update(round=report.round)
+        self.update_clients(active=report.clients_connected)
+        if report.metrics.loss is not None or report.metrics.accuracy is not None:
+            self.update(metrics=report.metrics)
+
+    def handle_failed_pods(self) -> bool:
+        """Recreate failed pods within the backoff limit; True when the job failed."""
+        limit = self.spec.run_policy.backoff_limit
+        for name, pod in sorted(self.pods.items()):
+            if pod_phase(pod) != "Failed":
+                continue
+            role = pod["metadata"].get("labels", {}).get(LABEL_ROLE, ROLE_CLIENT)
+            why = (pod.get("status") or {}).get("reason") or "Error"
+            if self.status.restarts >= limit:
+                self.finish(Phase.FAILED, "BackoffLimitExceeded",
+                            f"{role} pod {name} failed ({why}) after {self.status.restarts} "
+                            f"restarts, the runPolicy.backoffLimit of {limit}")
+                return True
+            self.update(restarts=self.status.restarts + 1)
+            self.decision.restarted_roles.append(role)
+            self.delete_pod(name)
+            message = (f"{role} pod {name} failed ({why}); recreating it "
+                       f"(restart {self.status.restarts} of {limit})")
+            self.event("Warning", "PodFailed", message)
+            self.condition(ConditionType.RESTARTING, True, "PodFailed", message)
+        return False
+
+    def handle_stuck_pods(self) -> bool:
+        """Fail the job when a pod is stuck past the grace period; True when it did."""
+        timeout = self.spec.run_policy.stuck_pod_timeout_seconds
+        for name, pod in sorted(self.pods.items()):
+            stuck = stuck_reason(pod)
+            since = stuck_since(pod)
+            if stuck is None or since is None:
+                continue
+            waited = (self.now - since).total_seconds()
+            if waited >= timeout:
+                reason, detail = stuck
+                self.finish(Phase.FAILED, reason,
+                            f"pod {name} stuck in {reason} for {int(waited)}s "
+                            f"(runPolicy.stuckPodTimeoutSeconds is {timeout})"
+                            + (f": {detail}" if detail else ""))
+                return True
+        return False
+
+    def scale_down(self) -> None:
+        desired = set(self.desired_pod_names())
+        for name in sorted(set(self.pods) - desired):
+            self.delete_pod(name)
+            self.event("Normal", "ScaledDown",
+                       f"deleted {name}: clients.replicas is {self.spec.clients.replicas}")
+
+    def create_missing(self) -> None:
+        job = self.job
+        wanted = builders.support_objects(job, token="")
+        for manifest in wanted:
+            key = (manifest["kind"], manifest["metadata"]["name"])
+            if key in self.observed.support:
+                continue
+            if manifest["kind"] == "Secret":
+                manifest = builders.secret(job, self.new_token())
+            self.decision.actions.append(Create(manifest))
+        missing = [n for n in self.desired_pod_names() if n not in self.pods]
+        for name in missing:
+            if name == builders.aggregator_name(job.name):
+                pod = builders.aggregator_pod(job)
+            else:
+                pod = builders.client_pod(job, int(name.rsplit("-", 1)[1]))
+            self.decision.actions.append(Create(pod))
+        if self.status.start_time is None and missing:
+            self.decision.created = True
+            message = f"created the aggregator and {len(missing) - 1} client pods"
+            self.update(start_time=self.now, message=message)
+            self.condition(ConditionType.CREATED, True, "ChildrenCreated", message, "Normal")
+
+    def update_running(self) -> None:
+        aggregator = self.pods.get(builders.aggregator_name(self.job.name))
+        if aggregator is not None and pod_phase(aggregator) == "Running" and \
+                self.status.phase is not Phase.RUNNING:
+            self.update(phase=Phase.RUNNING)
+            self.condition(ConditionType.RUNNING, True, "AggregatorRunning",
+                           "the aggregator is running", "Normal")
+        restarting = self.status.condition(ConditionType.RESTARTING)
+        expected = self.desired_pod_names()
+        if restarting is not None and restarting.status == "True" and \
+                all(pod_phase(self.pods.get(n, {})) == "Running" for n in expected):
+            self.condition(ConditionType.RESTARTING, False, "AllPodsRunning",
+                           "every recreated pod is running again", "Normal")
+        if self.status.phase is Phase.RUNNING:
+            self.update(message=f"round {self.status.round}/{self.spec.rounds}, "
+                                f"{self.status.clients.active} clients connected")
+
+    def count_clients(self) -> None:
+        """Ready counts the pods that remain after this pass; failed, those seen failed."""
+        def clients(pods: Iterable[Manifest]) -> list[str]:
+            return [pod_phase(p) for p in pods
+                    if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_CLIENT]
+        self.update_clients(desired=self.spec.clients.replicas,
+                            ready=clients(self.pods.values()).count("Running"),
+                            failed=clients(self.observed.pods).count("Failed"))
+
+
+def reconcile(job: FederatedJob, observed: Observed, now: datetime, *, generation: int = 0,
+              annotations: dict[str, str] | None = None,
+              new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> Decision:
+    """Decide what to do for ``job`` given what exists; pure apart from ``new_token``."""
+    return _Reconciler(job, generation, annotations or {}, observed, now, new_token).run()
+
+
+__all__ = ["ANNOTATION_ACCEPTED_SPEC", "Action", "Create", "Decision",
+           "Delete", "DeleteJob", "Event", "Observed", "reconcile", "spec_hash"]

@@ -1,0 +1,286 @@
+"""The pure reconcile decision, rule by rule, with no server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from fedkube.api import FederatedJob
+from fedkube.api.runtime import AggregatorReport
+from fedkube.api.status import ConditionType, Phase
+from fedkube.controller import builders
+from fedkube.controller.reconcile import (
+    ANNOTATION_ACCEPTED_SPEC,
+    Create,
+    Decision,
+    Delete,
+    DeleteJob,
+    Observed,
+    reconcile,
+    spec_hash,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_job(**spec: Any) -> FederatedJob:
+    base: dict[str, Any] = {"rounds": 3, "clients": {"replicas": 3},
+                            "strategy": {"minClients": 2}}
+    for key, value in spec.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return FederatedJob.model_validate({"metadata": {"name": "j", "namespace": "ns", "uid": "u1"},
+                                        "spec": base})
+
+
+def pod(manifest: dict[str, Any], phase: str = "Running", **status: Any) -> dict[str, Any]:
+    meta = {**manifest["metadata"], "creationTimestamp": T0.isoformat()}
+    return {**manifest, "metadata": meta, "status": {"phase": phase, **status}}
+
+
+def all_support(job: FederatedJob) -> frozenset[tuple[str, str]]:
+    return frozenset((m["kind"], m["metadata"]["name"])
+                     for m in builders.support_objects(job, "t"))
+
+
+def running_pods(job: FederatedJob, phase: str = "Running") -> list[dict[str, Any]]:
+    return [pod(builders.aggregator_pod(job), phase),
+            *(pod(p, phase) for p in builders.client_pods(job))]
+
+
+def step(job: FederatedJob, observed: Observed, now: datetime = T0,
+         accepted: str | None = None) -> tuple[FederatedJob, Decision]:
+    """Reconcile, then return the job as it looks with the new status written back."""
+    annotations = {ANNOTATION_ACCEPTED_SPEC: accepted} if accepted else {}
+    decision = reconcile(job, observed, now, generation=2, annotations=annotations,
+                         new_token=lambda: "secret-token")
+    return job.model_copy(update={"status": decision.status}), decision
+
+
+def creates(decision: Decision) -> list[str]:
+    return [a.manifest["metadata"]["name"] for a in decision.actions if isinstance(a, Create)]
+
+
+def deletes(decision: Decision) -> list[str]:
+    return [a.name for a in decision.actions if isinstance(a, Delete)]
+
+
+def reasons(decision: Decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def test_fresh_job_creates_everything_once() -> None:
+    job = make_job()
+    job2, d = step(job, Observed())
+    assert creates(d) == ["j-config", "j-token", "j-aggregator", "j-aggregator", "j-aggregator",
+                          "j-client-0", "j-client-1", "j-client-2"]
+    secret = next(a.manifest for a in d.actions
+                  if isinstance(a, Create) and a.manifest["kind"] == "Secret")
+    assert secret["stringData"] == {"token": "secret-token"}
+    assert d.created and d.status.start_time == T0 and d.status.observed_generation == 2
+    assert d.status.condition(ConditionType.CREATED).status == "True"
+    assert reasons(d) == ["ChildrenCreated"]
+    assert d.accepted_spec_hash == spec_hash(job)
+    # Level-based: the same observation after creation asks for nothing more.
+    _, again = step(job2, Observed(pods=running_pods(job, "Pending"),
+                                   support=all_support(job)))
+    assert creates(again) == [] and deletes(again) == [] and not again.created
+    assert reasons(again) == []
+
+
+def test_only_missing_children_are_created() -> None:
+    job = make_job()
+    job, _ = step(job, Observed())
+    pods = [p for p in running_pods(job, "Pending") if p["metadata"]["name"] != "j-client-1"]
+    support = all_support(job) - {("ConfigMap", "j-config")}
+    _, d = step(job, Observed(pods=pods, support=support))
+    assert creates(d) == ["j-config", "j-client-1"]
+
+
+def test_running_then_report_moves_round_and_metrics() -> None:
+    job, _ = step(make_job(), Observed())
+    obs = Observed(pods=running_pods(job), support=all_support(job))
+    job, d = step(job, obs)
+    assert d.status.phase is Phase.RUNNING and reasons(d) == ["AggregatorRunning"]
+    assert d.status.clients.ready == 3 and d.status.clients.desired == 3
+    report = AggregatorReport(phase="Running", round=2, rounds=3, clients_connected=3,
+                              metrics={"loss": 0.5, "accuracy": 0.8})
+    job, d = step(job, Observed(pods=obs.pods, support=obs.support, report=report))
+    assert (d.status.round, d.status.rounds) == (2, 3)
+    assert d.status.metrics.accuracy == 0.8 and d.status.clients.active == 3
+    assert reasons(d) == []  # no transition, no event
+    assert "round 2/3" in d.status.message
+
+
+@pytest.mark.parametrize(("policy", "deleted"), [
+    ("Running", ["j-client-0", "j-client-1", "j-client-2"]),
+    ("All", ["j-aggregator", "j-client-0", "j-client-1", "j-client-2"]),
+    ("None", []),
+])
+def test_success_applies_clean_pod_policy(policy: str, deleted: list[str]) -> None:
+    job, _ = step(make_job(runPolicy={"cleanPodPolicy": policy}), Observed())
+    pods = running_pods(job)
+    pods[0] = pod(builders.aggregator_pod(job), "Succeeded")
+    job, d = step(job, Observed(pods=pods, support=all_support(job)), T0 + timedelta(seconds=9))
+    assert d.status.phase is Phase.SUCCEEDED and d.completed is Phase.SUCCEEDED
+    assert d.status.completion_time == T0 + timedelta(seconds=9)
+    assert sorted(deletes(d)) == deleted
+    assert "AggregatorSucceeded" in reasons(d)
+    # Finished jobs never create anything again.
+    _, d = step(job, Observed())
+    assert creates(d) == []
+
+
+def test_ttl_deletes_the_job_only_after_it_passed() -> None:
+    job, _ = step(make_job(runPolicy={"ttlSecondsAfterFinished": 60}), Observed())
+    pods = [pod(builders.aggregator_pod(job), "Succeeded")]
+    job, _ = step(job, Observed(pods=pods), T0)
+    _, early = step(job, Observed(), T0 + timedelta(seconds=59))
+    assert not any(isinstance(a, DeleteJob) for a in early.actions)
+    _, late = step(job, Observed(), T0 + timedelta(seconds=60))
+    assert any(isinstance(a, DeleteJob) for a in late.actions)
+
+
+def test_failed_client_is_recreated_and_counted_then_backoff_fails_the_job() -> None:
+    job, _ = step(make_job(runPolicy={"backoffLimit": 1}), Observed())
+    support = all_support(job)
+    pods = running_pods(job)
+    pods[1] = pod(builders.client_pod(job, 0), "Failed", reason="OOMKilled")
+    job, d = step(job, Observed(pods=pods, support=support))
+    assert deletes(d) == ["j-client-0"] and d.status.restarts == 1
+    assert d.restarted_roles == ["client"] and "PodFailed" in reasons(d)
+    assert d.status.condition(ConditionType.RESTARTING).status == "True"
+    assert "OOMKilled" in next(e.message for e in d.events if e.reason == "PodFailed")
+    # Next pass: the pod is gone, so it is created again (same name).
+    job, d = step(job, Observed(pods=[p for p in pods if p["metadata"]["name"] != "j-client-0"],
+                                support=support))
+    assert creates(d) == ["j-client-0"]
+    # Back to running clears Restarting.
+    job, d = step(job, Observed(pods=running_pods(job), support=support))
+    assert d.status.condition(ConditionType.RESTARTING).status == "False"
+    # A second failure exceeds backoffLimit 1.
+    pods = running_pods(job)
+    pods[2] = pod(builders.client_pod(job, 1), "Failed")
+    _, d = step(job, Observed(pods=pods, support=support))
+    assert d.status.phase is Phase.FAILED and d.completed is Phase.FAILED
+    failed = d.status.condition(ConditionType.FAILED)
+    assert failed.reason == "BackoffLimitExceeded" and "j-client-1" in failed.message
+    assert d.status.restarts == 1
+
+
+def test_failed_aggregator_is_recreated_too() -> None:
+    job, _ = step(make_job(), Observed())
+    pods = running_pods(job)
+    pods[0] = pod(builders.aggregator_pod(job), "Failed")
+    _, d = step(job, Observed(pods=pods, support=all_support(job)))
+    assert deletes(d) == ["j-aggregator"] and d.restarted_roles == ["aggregator"]
+
+
+def test_scale_down_deletes_extra_clients_only() -> None:
+    job, _ = step(make_job(), Observed())
+    pods = running_pods(job)
+    smaller = job.model_copy(update={"spec": job.spec.model_copy(
+        update={"clients": job.spec.clients.model_copy(update={"replicas": 2})})})
+    _, d = step(smaller, Observed(pods=pods, support=all_support(job)))
+    assert deletes(d) == ["j-client-2"] and creates(d) == []
+    assert "ScaledDown" in reasons(d) and d.status.clients.desired == 2
+    assert d.status.clients.ready == 2
+
+
+def test_suspend_deletes_pods_and_resume_recreates() -> None:
+    job, _ = step(make_job(), Observed())
+    support = all_support(job)
+    job, _ = step(job, Observed(pods=running_pods(job), support=support))
+    suspended = make_job(runPolicy={"suspend": True}).model_copy(update={"status": job.status})
+    job, d = step(suspended, Observed(pods=running_pods(job), support=support))
+    assert d.status.phase is Phase.SUSPENDED and len(deletes(d)) == 4
+    assert d.status.condition(ConditionType.SUSPENDED).status == "True"
+    assert d.status.condition(ConditionType.RUNNING).status == "False"
+    _, again = step(job, Observed(support=support))
+    assert again.actions == []  # stays suspended quietly
+    resumed = make_job().model_copy(update={"status": job.status})
+    _, d = step(resumed, Observed(support=support))
+    assert len(creates(d)) == 4 and d.status.phase is Phase.PENDING
+    assert d.status.condition(ConditionType.SUSPENDED).reason == "Resumed"
+    assert not d.created  # a resume is not a first creation
+
+
+def test_active_deadline_fails_the_job() -> None:
+    job, _ = step(make_job(runPolicy={"activeDeadlineSeconds": 30}), Observed())
+    obs = Observed(pods=running_pods(job), support=all_support(job))
+    _, d = step(job, obs, T0 + timedelta(seconds=29))
+    assert d.status.phase is Phase.RUNNING
+    _, d = step(job, obs, T0 + timedelta(seconds=30))
+    assert d.status.phase is Phase.FAILED
+    assert d.status.condition(ConditionType.FAILED).reason == "DeadlineExceeded"
+    assert len(deletes(d)) == 4  # cleanPodPolicy Running
+
+
+@pytest.mark.parametrize(("status", "reason"), [
+    ({"containerStatuses": [{"name": "client", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "pull access denied"}}}]}, "ImagePullBackOff"),
+    ({"containerStatuses": [{"name": "client", "state": {"waiting": {
+        "reason": "CrashLoopBackOff"}}}]}, "CrashLoopBackOff"),
+    ({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                      "message": "0/3 nodes have nvidia.com/gpu",
+                      "lastTransitionTime": T0.isoformat()}]}, "Unschedulable"),
+])
+def test_stuck_pod_fails_after_grace_period(status: dict[str, Any], reason: str) -> None:
+    job, _ = step(make_job(runPolicy={"stuckPodTimeoutSeconds": 10}), Observed())
+    pods = running_pods(job)
+    pods[1] = pod(builders.client_pod(job, 0), "Pending", **status)
+    obs = Observed(pods=pods, support=all_support(job))
+    _, d = step(job, obs, T0 + timedelta(seconds=9))
+    assert d.status.phase is not Phase.FAILED
+    _, d = step(job, obs, T0 + timedelta(seconds=10))
+    assert d.status.phase is Phase.FAILED
+    failed = d.status.condition(ConditionType.FAILED)
+    assert failed.reason == reason and "j-client-0" in failed.message
+    assert "stuckPodTimeoutSeconds" in failed.message
+
+
+def test_immutable_change_of_a_started_job_is_rejected_then_cleared() -> None:
+    job, first = step(make_job(), Observed())
+    accepted = first.accepted_spec_hash
+    changed = make_job(strategy={"name": "fedprox"}).model_copy(update={"status": job.status})
+    job2, d = step(changed, Observed(pods=running_pods(job), support=all_support(job)),
+                   accepted=accepted)
+    rejected = d.status.condition(ConditionType.SPEC_REJECTED)
+    assert rejected.status == "True" and rejected.reason == "ImmutableFieldChanged"
+    assert "spec.strategy" in rejected.message and d.accepted_spec_hash == accepted
+    assert creates(d) == [] and deletes(d) == []
+    # Mutable changes (replicas) still apply while rejected.
+    reverted = make_job().model_copy(update={"status": job2.status})
+    _, d = step(reverted, Observed(pods=running_pods(job), support=all_support(job)),
+                accepted=accepted)
+    assert d.status.condition(ConditionType.SPEC_REJECTED).status == "False"
+
+
+def test_change_before_start_is_accepted() -> None:
+    old = spec_hash(make_job())
+    _, d = step(make_job(strategy={"name": "fedprox"}), Observed(), accepted=old)
+    assert d.accepted_spec_hash != old
+    assert d.status.condition(ConditionType.SPEC_REJECTED) is None
+
+
+def test_condition_time_moves_only_on_flip() -> None:
+    job, _ = step(make_job(), Observed())
+    obs = Observed(pods=running_pods(job), support=all_support(job))
+    job, d = step(job, obs, T0 + timedelta(seconds=1))
+    first = d.status.condition(ConditionType.RUNNING).last_transition_time
+    _, d = step(job, obs, T0 + timedelta(seconds=50))
+    assert d.status.condition(ConditionType.RUNNING).last_transition_time == first
+
+
+def test_gang_and_network_policy_children() -> None:
+    job = make_job(scheduling={"gang": True}, security={"networkPolicy": False})
+    _, d = step(job, Observed())
+    kinds = [a.manifest["kind"] for a in d.actions if isinstance(a, Create)]
+    assert "PodGroup" in kinds and "NetworkPolicy" not in kinds
+    group = next(a.manifest for a in d.actions
+                 if isinstance(a, Create) and a.manifest["kind"] == "PodGroup")
+    assert group["spec"]["minMember"] == 3
+    pods = [a.manifest for a in d.actions
+            if isinstance(a, Create) and a.manifest["kind"] == "Pod"]
+    assert all(p["metadata"]["labels"][builders.LABEL_POD_GROUP] == "j" for p in pods)
