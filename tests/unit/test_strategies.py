@@ -302,3 +302,20 @@ def test_strategy_on_cuda_matches_cpu(name):
     result = agg.result()
     assert all(t.is_cuda for t in result.values())
     np.testing.assert_allclose(flat64({k: v.cpu() for k, v in result.items()}), on_cpu, atol=1e-5)
+
+
+def test_values_overflowing_float32_are_rejected():
+    glob = {"w": torch.zeros(3)}
+    agg = build_strategy("fedavg").new_round(glob, 1)
+    with pytest.raises(UpdateRejected, match="infinite"):
+        agg.add({"w": torch.tensor([1e300, 0.0, 0.0], dtype=torch.float64)}, 1)
+    assert agg.count == 0
+
+
+def test_stacked_round_rejects_more_updates_than_sampled():
+    glob = {"w": torch.zeros(3)}
+    agg = build_strategy("krum").new_round(glob, 1)
+    agg.add({"w": torch.ones(3)}, 1)
+    with pytest.raises(UpdateRejected, match="sampled updates"):
+        agg.add({"w": torch.ones(3)}, 1)
+    assert agg.count == 1
