@@ -45,9 +45,9 @@ def aggregator_series() -> frozenset[str]:
 def operator_series() -> frozenset[str]:
     if importlib.util.find_spec("fedkube.controller.metrics") is None:
         return _ARCHITECTURE_OPERATOR_SERIES
-    from fedkube.controller import metrics
+    from fedkube.controller.metrics import OperatorMetrics
 
-    return series_names(metrics.REGISTRY)
+    return series_names(OperatorMetrics().registry)
 
 
 def test_committed_dashboards_are_the_generated_ones(gen_dashboards: ModuleType) -> None:

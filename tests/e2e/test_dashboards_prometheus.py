@@ -147,3 +147,40 @@ def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_operator_dashboard_queries_on_prometheus_over_the_operator_registry(
+        tmp_path: Path, prometheus_binary: str) -> None:
+    """Every operator-dashboard query finds data on this Prometheus, over the operator's real
+    metric registry updated as reconciles update it (one of them failing, one pod replaced).
+
+    The operator process itself is not run here (it needs a Kubernetes API); this checks the
+    queries against the names, labels and types the operator really registers.
+    """
+    from fedkube.api.status import Phase
+
+    operator_metrics = pytest.importorskip(
+        "fedkube.controller.metrics", reason="the operator's metrics module is not there yet")
+    metrics = operator_metrics.OperatorMetrics()
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        with Prometheus(tmp_path, {"operator": [f"127.0.0.1:{port}"]}) as prom:
+            prom.wait_targets_up()
+            start = time.time()
+            metrics.jobs_created.inc()
+            metrics.set_phase("ml", "digits", Phase.PENDING)
+            for step in range(8):
+                time.sleep(SCRAPE_INTERVAL_S)
+                metrics.reconcile_total.labels(result="error" if step == 3 else "ok").inc()
+                metrics.reconcile_duration.observe(0.005 * (step + 1))
+                if step == 2:
+                    metrics.set_phase("ml", "digits", Phase.RUNNING)
+                    metrics.pod_restarts.labels(role="client").inc()
+            metrics.set_phase("ml", "digits", Phase.SUCCEEDED)
+            metrics.jobs_completed.labels(result="Succeeded").inc()
+            time.sleep(8 * SCRAPE_INTERVAL_S)
+            assert_every_panel_returns_data(prom, "operator.json", start, time.time())
+    finally:
+        server.shutdown()
+        thread.join()
