@@ -210,3 +210,20 @@ def test_helm_install_rejects_a_mistyped_value_and_notes_say_what_next(
     assert "kubectl apply -f crds/samples/digits.yaml" in notes
     assert "kubectl get fedjobs" in notes
     assert "get configmaps -l grafana_dashboard=1" in notes
+
+
+def test_rbac_grants_what_the_operator_client_touches_and_no_more(chart: ModuleType) -> None:
+    """Every kind the operator's Kubernetes client reads or writes is granted, and nothing
+    beyond those, kopf's own needs (CRDs, namespaces, peerings) and Events."""
+    kube = pytest.importorskip("fedkube.controller.kube",
+                               reason="the operator's Kubernetes client is not there yet")
+    used = set()
+    for prefix, plural in kube.RESOURCES.values():
+        group = "" if prefix.startswith("/api/") else prefix.split("/")[2]
+        used.add((group, plural))
+    docs = _render(chart, "rbac.gangScheduling=true")
+    granted = {(group, resource) for group, resource, _ in _rules(_one(docs, "ClusterRole"))}
+    kopf_needs = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces"),
+                  ("kopf.dev", "clusterkopfpeerings"), ("", "events"),
+                  ("fedkube.io", "federatedjobs/status")}
+    assert granted - kopf_needs == used

@@ -48,24 +48,29 @@ What the operator does in the namespaces it serves: the one list both the Cluste
 (cluster-wide) and the per-namespace Roles (watchNamespaces) grant.
 */}}
 {{- define "fedkube.namespacedRules" -}}
-# The jobs: kopf watches them, adds its finalizer and annotations, writes status.
+# The jobs: kopf watches them and adds its finalizer and annotations; the reconcile reads
+# them, writes status, and deletes finished ones after ttlSecondsAfterFinished.
 - apiGroups: ["fedkube.io"]
   resources: ["federatedjobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["fedkube.io"]
   resources: ["federatedjobs/status"]
-  verbs: ["get", "patch"]
-# The children of each job.
+  verbs: ["patch"]
+# Pods are watched (their events trigger a reconcile) and listed by the job's label.
 - apiGroups: [""]
-  resources: ["pods", "services", "configmaps", "secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# The other children are read by name, created when missing, deleted on cleanup.
+- apiGroups: [""]
+  resources: ["configmaps", "secrets", "services"]
+  verbs: ["get", "create", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "delete"]
 {{- if .Values.rbac.gangScheduling }}
 - apiGroups: ["scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "delete"]
 {{- end }}
 # Kubernetes Events on the jobs (kopf posts them with create).
 - apiGroups: [""]
