@@ -1,0 +1,251 @@
+"""kopf handlers: thin glue that observes, calls the pure reconcile, and performs its actions.
+
+Every trigger (job event, pod event, timer) funnels into :meth:`Controller.trigger`, which
+coalesces bursts (a hundred pod events make one or two passes, not a hundred) and runs at
+most one pass per job at a time, so two triggers never race to create the same pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from fedkube.api import GROUP, KIND, PLURAL, VERSION, FederatedJob
+from fedkube.api.constants import LABEL_JOB
+from fedkube.api.runtime import AggregatorReport
+from fedkube.controller import builders
+from fedkube.controller.kube import Kube
+from fedkube.controller.metrics import OperatorMetrics
+from fedkube.controller.reconcile import (
+    ANNOTATION_ACCEPTED_SPEC,
+    Create,
+    Decision,
+    Delete,
+    DeleteJob,
+    Event,
+    Observed,
+    reconcile,
+)
+from fedkube.controller.settings import ControllerSettings
+
+logger = logging.getLogger("fedkube.operator")
+SUPPORT_KINDS = ("ConfigMap", "Secret", "Service", "NetworkPolicy", "PodGroup")
+
+
+@dataclass
+class _JobState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: bool = False
+
+
+@dataclass
+class Controller:
+    """The operator's state: its API session, metrics and per-job serialisation."""
+
+    settings: ControllerSettings
+    metrics: OperatorMetrics
+    kube: Kube | None = None
+    jobs: dict[tuple[str, str], _JobState] = field(default_factory=dict)
+
+    async def trigger(self, namespace: str, name: str) -> None:
+        """Reconcile the job now, or make the pass already running go once more."""
+        state = self.jobs.setdefault((namespace, name), _JobState())
+        state.dirty = True
+        if state.lock.locked():
+            return
+        async with state.lock:
+            while state.dirty:
+                state.dirty = False
+                started = time.perf_counter()
+                try:
+                    await self.reconcile_once(namespace, name)
+                except Exception:
+                    self.metrics.reconcile_total.labels(result="error").inc()
+                    logger.exception("reconcile of %s/%s failed; retried on the next event "
+                                     "or timer tick", namespace, name)
+                else:
+                    self.metrics.reconcile_total.labels(result="ok").inc()
+                finally:
+                    self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.jobs.pop((namespace, name), None)
+        self.metrics.set_phase(namespace, name, None)
+
+    async def reconcile_once(self, namespace: str, name: str) -> None:
+        assert self.kube is not None, "the login handler connects before any handler runs"
+        kube = self.kube
+        body = await kube.get(KIND, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return
+        try:
+            job = parse_job(body)
+        except ValidationError as error:
+            kopf.warn(body, reason="InvalidSpec",
+                      message=f"the operator cannot use this spec: {error}")
+            return
+        observed = await self.observe(kube, job)
+        decision = reconcile(job, observed, datetime.now(UTC),
+                             generation=int(body["metadata"].get("generation") or 0),
+                             annotations=body["metadata"].get("annotations") or {})
+        await self.perform(kube, body, job, decision)
+
+    async def observe(self, kube: Kube, job: FederatedJob) -> Observed:
+        pods = await kube.list("Pod", job.namespace, {LABEL_JOB: job.name})
+        wanted = [(m["kind"], m["metadata"]["name"])
+                  for m in builders.support_objects(job, token="")]
+        found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in wanted))
+        support = frozenset(key for key, obj in zip(wanted, found, strict=True) if obj)
+        report = None
+        aggregator = builders.aggregator_name(job.name)
+        if any(p["metadata"]["name"] == aggregator and
+               (p.get("status") or {}).get("phase") == "Running" for p in pods):
+            url = self.settings.aggregator_status_url(aggregator, job.namespace,
+                                                      job.spec.aggregator.metrics_port)
+            raw = await kube.fetch_json(url, self.settings.status_timeout_seconds)
+            if raw is not None:
+                try:
+                    report = AggregatorReport.model_validate(raw)
+                except ValidationError:
+                    logger.warning("ignoring a malformed report from %s", url)
+        return Observed(pods=pods, support=support, report=report)
+
+    async def perform(self, kube: Kube, body: dict[str, Any], job: FederatedJob,
+                      decision: Decision) -> None:
+        limit = asyncio.Semaphore(self.settings.create_concurrency)
+
+        async def create(manifest: dict[str, Any]) -> None:
+            async with limit:
+                try:
+                    await kube.create(manifest)
+                except Exception as error:
+                    kopf.warn(body, reason="CreateFailed",
+                              message=f"cannot create {manifest['kind']} "
+                                      f"{manifest['metadata']['name']}: {error}")
+                    raise
+
+        creates = [a.manifest for a in decision.actions if isinstance(a, Create)]
+        # ConfigMap and Secret first: pods mount them.
+        support = [m for m in creates if m["kind"] != "Pod"]
+        results = await asyncio.gather(*(create(m) for m in support), return_exceptions=True)
+        await asyncio.gather(*(create(m) for m in creates if m["kind"] == "Pod"))
+        for action in decision.actions:
+            if isinstance(action, Delete):
+                await kube.delete(action.kind, job.namespace, action.name)
+            elif isinstance(action, Event):
+                kopf.event(body, type=action.type, reason=action.reason,
+                           message=action.message)
+                (logger.warning if action.type == "Warning" else logger.info)(
+                    "%s/%s: %s: %s", job.namespace, job.name, action.reason, action.message)
+        self.record_metrics(job, decision)
+        await self.write_status(kube, body, job, decision)
+        if any(isinstance(a, DeleteJob) for a in decision.actions):
+            await kube.delete(KIND, job.namespace, job.name)
+            self.forget(job.namespace, job.name)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    def record_metrics(self, job: FederatedJob, decision: Decision) -> None:
+        if decision.created:
+            self.metrics.jobs_created.inc()
+        if decision.completed is not None:
+            self.metrics.jobs_completed.labels(result=decision.completed.value).inc()
+        for role in decision.restarted_roles:
+            self.metrics.pod_restarts.labels(role=role).inc()
+        self.metrics.set_phase(job.namespace, job.name, decision.status.phase)
+
+    async def write_status(self, kube: Kube, body: dict[str, Any], job: FederatedJob,
+                           decision: Decision) -> None:
+        status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if status != _own_status(body):
+            await kube.merge_patch(KIND, job.namespace, job.name, {"status": status},
+                                   subresource="status")
+        annotations = body["metadata"].get("annotations") or {}
+        if annotations.get(ANNOTATION_ACCEPTED_SPEC) != decision.accepted_spec_hash:
+            await kube.merge_patch(KIND, job.namespace, job.name, {"metadata": {"annotations": {
+                ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec_hash}}})
+
+
+def _own_status(body: dict[str, Any]) -> dict[str, Any]:
+    """The status fields fedkube writes (kopf may keep its own bookkeeping beside them)."""
+    return {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
+
+
+def parse_job(body: dict[str, Any]) -> FederatedJob:
+    """The FederatedJob model of an object read from the API server."""
+    status = _own_status(body)
+    return FederatedJob.model_validate({
+        "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+        "kind": KIND, "metadata": body["metadata"], "spec": body.get("spec") or {},
+        "status": status or None,
+    })
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    """Register the operator's handlers on ``registry``, bound to ``controller``."""
+    jobs = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return credentials(controller.settings)
+
+    @kopf.on.startup(registry=registry)
+    async def connect(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf keeps its progress in annotations: the CRD's status schema has no room for it.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
+        settings.posting.level = logging.INFO
+
+    @kopf.on.cleanup(registry=registry)
+    async def disconnect(**_: Any) -> None:
+        if controller.kube is not None:
+            await controller.kube.close()
+            controller.kube = None
+
+    @kopf.on.event(**jobs)
+    async def job_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
+        if type == "DELETED":
+            controller.forget(namespace, name)
+            return
+        await ensure_connected(controller)
+        await controller.trigger(namespace, name)
+
+    @kopf.timer(**jobs, interval=controller.settings.resync_seconds)
+    async def resync(name: str, namespace: str, **_: Any) -> None:
+        await ensure_connected(controller)
+        await controller.trigger(namespace, name)
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    async def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        await ensure_connected(controller)
+        await controller.trigger(namespace, labels[LABEL_JOB])
+
+
+async def ensure_connected(controller: Controller) -> None:
+    if controller.kube is None:
+        controller.kube = Kube.connect(credentials(controller.settings))
+
+
+def credentials(settings: ControllerSettings) -> kopf.ConnectionInfo:
+    """Where kopf and the operator's own calls go: the configured server, else in-cluster
+    service account, else kubeconfig."""
+    if settings.kube_server:
+        return kopf.ConnectionInfo(server=settings.kube_server, insecure=True,
+                                   default_namespace="default")
+    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    if info is None:
+        raise kopf.LoginError("no in-cluster service account and no kubeconfig found")
+    return info
+
+
+__all__ = ["Controller", "credentials", "parse_job", "register"]

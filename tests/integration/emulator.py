@@ -1,0 +1,233 @@
+"""The one place where the Kubernetes API emulator (kmock) is set up for operator tests.
+
+:class:`FedkubeEmulator` fixes what kopf needs and kmock 0.8 does not do (ARCHITECTURE.md,
+"The API emulator"): it stamps ``resourceVersion``/``uid``/``creationTimestamp``/``generation``
+and bumps ``resourceVersion`` (and ``generation`` on spec changes). :class:`Cluster` is what
+a test uses to act as a user, a kubelet and the garbage collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+import jsonpatch
+import kmock
+import kopf
+from kmock import ResourceInfo
+from kmock._internal import enums
+from kmock._internal.apps import Server
+
+from fedkube.api.constants import LABEL_JOB, PLURAL
+from fedkube.controller.handlers import Controller, register
+from fedkube.controller.metrics import OperatorMetrics
+from fedkube.controller.settings import ControllerSettings
+
+JOBS = f"/apis/fedkube.io/v1alpha1/namespaces/{{ns}}/{PLURAL}"
+PODS = "/api/v1/namespaces/{ns}/pods"
+T = TypeVar("T")
+
+
+@attrs.frozen
+class PatchTestFailedError(kmock.KubernetesError):
+    """What the API server answers when a JSON patch's ``test`` fails; kopf then retries on
+    its next cycle instead of failing the request (kmock answers a 500)."""
+
+    status: int = 422
+    reason: str = "Invalid"
+    message: str = "the resourceVersion test of the JSON patch failed: the object changed"
+
+
+class FedkubeEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus what a real API server does that kopf relies on: stamped
+    metadata (pitfall 1), ``generateName`` (kopf's Events) and 422 on a failed patch test.
+    """
+
+    _versions = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        if request.resource is not None and isinstance(request.data, dict | list):
+            if request.action == enums.action.CREATE:
+                meta = request.data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:10]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", datetime.now(UTC).isoformat())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE:
+                version = str(next(self._versions))
+                if isinstance(request.data, list):  # JSON patch (kopf's finalizers)
+                    request.data.append({"op": "replace", "path": "/metadata/resourceVersion",
+                                         "value": version})
+                else:
+                    meta = request.data.setdefault("metadata", {}) or {}
+                    request.data["metadata"] = meta
+                    meta["resourceVersion"] = version
+                    if "spec" in request.data and request.subresource is None:
+                        current = self._current(request)
+                        meta["generation"] = int(
+                            (current or {}).get("metadata", {}).get("generation", 1)) + 1
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as error:
+            raise PatchTestFailedError() from error
+
+    def _current(self, request: Any) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            return dict(self._objects[key].raw)
+        return None
+
+
+def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
+    emulator.resources.load_bundled()
+    verbs = {"list", "watch", "get", "create", "patch", "update", "delete"}
+    emulator.resources[f"fedkube.io/v1alpha1/{PLURAL}"] = ResourceInfo(
+        kind="FederatedJob", namespaced=True, subresources={"status"}, verbs=verbs,
+        shortnames={"fedjob", "fj"})
+    emulator.resources["scheduling.x-k8s.io/v1alpha1/podgroups"] = ResourceInfo(
+        kind="PodGroup", namespaced=True, verbs=verbs)
+
+
+@contextlib.asynccontextmanager
+async def serve_emulator() -> AsyncIterator[tuple[FedkubeEmulator, str]]:
+    """An emulator on a free 127.0.0.1 port; yields it and its URL."""
+    async with FedkubeEmulator() as emulator, Server(emulator) as server:
+        declare_resources(emulator)
+        yield emulator, str(server.url).rstrip("/")
+
+
+def operator_settings(url: str, status_url: str = "http://127.0.0.1:9/status") -> \
+        ControllerSettings:
+    """Settings for fast tests: a short resync, a quick status timeout."""
+    return ControllerSettings(resync_seconds=0.3, status_url=status_url,
+                              status_timeout_seconds=0.5, kube_server=url)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(emulator: FedkubeEmulator, settings: ControllerSettings,
+                           metrics: OperatorMetrics | None = None) -> AsyncIterator[Controller]:
+    """The real kopf operator with fedkube's handlers, watching the emulator."""
+    registry = kopf.OperatorRegistry()
+    controller = Controller(settings=settings, metrics=metrics or OperatorMetrics())
+    register(registry, controller)
+    stop = asyncio.Event()
+    kopf_settings = kopf.OperatorSettings()
+    kopf_settings.posting.enabled = True
+    kopf_settings.watching.server_timeout = 60
+    kopf_settings.networking.request_timeout = 10
+    kopf_settings.batching.batch_window = 0.01
+    kopf_settings.batching.idle_timeout = 5
+    task = asyncio.create_task(kopf.operator(
+        registry=registry, settings=kopf_settings, standalone=True, clusterwide=True,
+        stop_flag=stop))
+    try:
+        await wait_until(lambda: _watching(emulator), what="the operator to watch jobs and pods")
+        yield controller
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=10)
+
+
+def _watching(emulator: FedkubeEmulator) -> bool:
+    """Pitfall 2: objects written before a watch subscribes are never announced."""
+    watched = {str(r.resource.plural) for r in emulator._requests
+               if r.action == enums.action.WATCH and r.resource is not None}
+    return {PLURAL, "pods"} <= watched
+
+
+async def wait_until(check: Callable[[], T | Awaitable[T]], *, what: str,
+                     timeout: float = 20.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last  # type: ignore[no-any-return]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Cluster:
+    """A test's hands on the emulator: user, kubelet and garbage collector."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, namespace: str = "ml") -> None:
+        self.url, self.session, self.namespace = url, session, namespace
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self.session.request(method, self.url + path, **kwargs) as response:
+            if response.status == 404:
+                return None
+            assert response.status < 400, f"{method} {path}: {await response.text()}"
+            return await response.json(content_type=None)
+
+    def _path(self, template: str, name: str | None = None, sub: str | None = None) -> str:
+        path = template.format(ns=self.namespace)
+        return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def create_job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+                "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}
+        result: dict[str, Any] = await self._call("POST", self._path(JOBS), json=body)
+        return result
+
+    async def job(self, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._call("GET", self._path(JOBS, name))
+        return result
+
+    async def patch_job(self, name: str, patch: dict[str, Any]) -> None:
+        await self._call("PATCH", self._path(JOBS, name), json=patch,
+                         headers={"Content-Type": "application/merge-patch+json"})
+
+    async def delete_job(self, name: str) -> None:
+        await self._call("DELETE", self._path(JOBS, name))
+
+    async def list(self, plural: str, job: str | None = None, group: str = "/api/v1") -> \
+            list[dict[str, Any]]:
+        """Objects of a kind, filtered by the job label here (the emulator ignores
+        selectors)."""
+        body = await self._call("GET", f"{group}/namespaces/{self.namespace}/{plural}")
+        items: list[dict[str, Any]] = (body or {}).get("items") or []
+        if job is not None:
+            items = [o for o in items
+                     if (o["metadata"].get("labels") or {}).get(LABEL_JOB) == job]
+        return items
+
+    async def pods(self, job: str) -> dict[str, dict[str, Any]]:
+        return {p["metadata"]["name"]: p for p in await self.list("pods", job)}
+
+    async def set_pod_status(self, name: str, status: dict[str, Any]) -> None:
+        """Play kubelet."""
+        await self._call("PATCH", self._path(PODS, name, "status"), json={"status": status},
+                         headers={"Content-Type": "application/merge-patch+json"})
+
+    async def collect_garbage(self, owner_uid: str) -> int:
+        """Play the garbage collector: delete what the owner owned. Returns the count."""
+        deleted = 0
+        for plural, group in (("pods", "/api/v1"), ("configmaps", "/api/v1"),
+                              ("secrets", "/api/v1"), ("services", "/api/v1"),
+                              ("networkpolicies", "/apis/networking.k8s.io/v1")):
+            for obj in await self.list(plural, group=group):
+                owners = obj["metadata"].get("ownerReferences") or []
+                if any(o.get("uid") == owner_uid for o in owners):
+                    await self._call("DELETE", f"{group}/namespaces/{self.namespace}/"
+                                               f"{plural}/{obj['metadata']['name']}")
+                    deleted += 1
+        return deleted
+
+
+logging.getLogger("kopf").setLevel(logging.WARNING)

@@ -1,0 +1,308 @@
+"""The real kopf operator against the kmock emulator: scenarios as a user sees them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from fedkube.controller.metrics import OperatorMetrics
+from emulator import (
+    Cluster,
+    FedkubeEmulator,
+    operator_settings,
+    running_operator,
+    serve_emulator,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+SPEC: dict[str, Any] = {"rounds": 3, "clients": {"replicas": 3}, "strategy": {"minClients": 2},
+                        "aggregator": {"metricsPort": 9090}}
+
+
+class StatusServer:
+    """Stands in for the aggregator's /status: serves whatever report the test sets."""
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] | None = None
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.report is None:
+            return web.Response(status=503)
+        return web.json_response(self.report)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/status", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/status"
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[FedkubeEmulator, Cluster, StatusServer, OperatorMetrics,
+                                      str]]:
+    status = StatusServer()
+    await status.start()
+    async with serve_emulator() as (emulator, url), aiohttp.ClientSession() as session:
+        yield emulator, Cluster(url, session), status, OperatorMetrics(), url
+    assert status.runner is not None
+    await status.runner.cleanup()
+
+
+def phase(job: dict[str, Any] | None) -> str | None:
+    return ((job or {}).get("status") or {}).get("phase")
+
+
+def condition(job: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in job["status"]["conditions"] if c["type"] == type_)
+
+
+def metric(metrics: OperatorMetrics, name: str, labels: dict[str, str] | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return value or 0.0
+
+
+async def run_pods(cluster: Cluster, job: str, phase_: str = "Running") -> None:
+    for name in await cluster.pods(job):
+        await cluster.set_pod_status(name, {"phase": phase_})
+
+
+async def test_job_lifecycle_create_running_rounds_success(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("digits", SPEC)
+        pods = await wait_until(lambda: _len_at_least(cluster.pods("digits"), 4),
+                                what="aggregator + 3 client pods")
+        assert set(pods) == {"digits-aggregator", "digits-client-0", "digits-client-1",
+                             "digits-client-2"}
+        client = pods["digits-client-1"]
+        assert client["spec"]["containers"][0]["args"][-2:] == ["--index", "1"]
+        assert client["metadata"]["labels"]["fedkube.io/client-index"] == "1"
+        owner = client["metadata"]["ownerReferences"][0]
+        job = await cluster.job("digits")
+        assert owner["uid"] == job["metadata"]["uid"] and owner["controller"] is True
+        config = (await cluster.list("configmaps", "digits"))[0]
+        assert "digits-aggregator.ml.svc:50051" in config["data"]["config.yaml"]
+        secret = (await cluster.list("secrets", "digits"))[0]
+        assert len(secret["stringData"]["token"]) >= 32
+        assert secret["stringData"]["token"] not in config["data"]["config.yaml"]
+        assert [s["metadata"]["name"] for s in await cluster.list("services", "digits")] == \
+            ["digits-aggregator"]
+        job = await wait_until(lambda: _with_phase(cluster, "digits", "Pending"),
+                               what="status Pending")
+        assert condition(job, "Created")["status"] == "True"
+        assert metric(metrics, "fedkube_jobs_created_total") == 1
+
+        await run_pods(cluster, "digits")
+        job = await wait_until(lambda: _with_phase(cluster, "digits", "Running"),
+                               what="phase Running")
+        assert job["status"]["clients"]["ready"] == 3
+
+        status.report = {"phase": "Running", "round": 2, "rounds": 3, "clientsConnected": 3,
+                         "metrics": {"loss": 0.4, "accuracy": 0.9}}
+        job = await wait_until(lambda: _round(cluster, "digits", 2), what="status.round 2")
+        assert job["status"]["metrics"] == {"loss": 0.4, "accuracy": 0.9}
+        assert job["status"]["clients"]["active"] == 3 and job["status"]["rounds"] == 3
+
+        await cluster.set_pod_status("digits-aggregator", {"phase": "Succeeded"})
+        job = await wait_until(lambda: _with_phase(cluster, "digits", "Succeeded"),
+                               what="phase Succeeded")
+        assert job["status"]["completionTime"]
+        # cleanPodPolicy Running: running clients deleted, the finished aggregator kept.
+        pods = await wait_until(lambda: _len_at_most(cluster.pods("digits"), 1),
+                                what="running clients cleaned up")
+        assert set(pods) == {"digits-aggregator"}
+        assert metric(metrics, "fedkube_jobs_completed_total", {"result": "Succeeded"}) == 1
+        assert metric(metrics, "fedkube_jobs", {"namespace": "ml", "phase": "Succeeded"}) == 1
+        assert metric(metrics, "fedkube_operator_reconcile_total", {"result": "ok"}) > 3
+        events = await cluster.list("events")
+        reasons = {e["reason"] for e in events
+                   if e.get("involvedObject", {}).get("name") == "digits"}
+        assert {"ChildrenCreated", "AggregatorRunning", "AggregatorSucceeded"} <= reasons
+        assert b"fedkube_operator_reconcile_duration_seconds" in generate_latest(
+            metrics.registry)
+
+
+async def test_failed_client_recreated_then_backoff_fails(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    spec = {**SPEC, "runPolicy": {"backoffLimit": 1}}
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("flaky", spec)
+        await wait_until(lambda: _len_at_least(cluster.pods("flaky"), 4), what="pods")
+        await run_pods(cluster, "flaky")
+        await wait_until(lambda: _with_phase(cluster, "flaky", "Running"), what="Running")
+        await cluster.set_pod_status("flaky-client-0", {"phase": "Failed", "reason": "Error"})
+        job = await wait_until(lambda: _restarts(cluster, "flaky", 1), what="restart counted")
+        assert condition(job, "Restarting")["status"] == "True"
+        pods = await wait_until(lambda: _phase_of(cluster, "flaky", "flaky-client-0", "Pending"),
+                                what="client-0 recreated")
+        assert pods
+        assert metric(metrics, "fedkube_pod_restarts_total", {"role": "client"}) == 1
+        await cluster.set_pod_status("flaky-client-2", {"phase": "Failed"})
+        job = await wait_until(lambda: _with_phase(cluster, "flaky", "Failed"), what="Failed")
+        assert condition(job, "Failed")["reason"] == "BackoffLimitExceeded"
+        assert job["status"]["restarts"] == 1
+
+
+async def test_image_pull_failure_fails_after_grace_period(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    spec = {**SPEC, "runPolicy": {"stuckPodTimeoutSeconds": 1}}
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("badimage", spec)
+        await wait_until(lambda: _len_at_least(cluster.pods("badimage"), 4), what="pods")
+        await cluster.set_pod_status("badimage-client-1", {
+            "phase": "Pending", "containerStatuses": [{"name": "client", "state": {"waiting": {
+                "reason": "ImagePullBackOff", "message": "pull access denied"}}}]})
+        job = await wait_until(lambda: _with_phase(cluster, "badimage", "Failed"),
+                               what="Failed after the grace period")
+        failed = condition(job, "Failed")
+        assert failed["reason"] == "ImagePullBackOff"
+        assert "badimage-client-1" in failed["message"] and "pull access denied" in \
+            failed["message"]
+
+
+async def test_suspend_and_resume(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("pause", SPEC)
+        await wait_until(lambda: _len_at_least(cluster.pods("pause"), 4), what="pods")
+        await cluster.patch_job("pause", {"spec": {"runPolicy": {"suspend": True}}})
+        job = await wait_until(lambda: _with_phase(cluster, "pause", "Suspended"),
+                               what="Suspended")
+        await wait_until(lambda: _len_at_most(cluster.pods("pause"), 0), what="pods gone")
+        assert condition(job, "Suspended")["status"] == "True"
+        await cluster.patch_job("pause", {"spec": {"runPolicy": {"suspend": False}}})
+        await wait_until(lambda: _len_at_least(cluster.pods("pause"), 4), what="pods back")
+        job = await wait_until(lambda: _with_phase(cluster, "pause", "Pending"),
+                               what="resumed")
+        assert condition(job, "Suspended")["reason"] == "Resumed"
+        assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
+
+
+async def test_operator_restart_makes_no_duplicates_and_scale_down(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    settings = operator_settings(url, status.url)
+    async with running_operator(emulator, settings, metrics):
+        await cluster.create_job("steady", SPEC)
+        await wait_until(lambda: _len_at_least(cluster.pods("steady"), 4), what="pods")
+        await run_pods(cluster, "steady")
+        await wait_until(lambda: _with_phase(cluster, "steady", "Running"), what="Running")
+    token = (await cluster.list("secrets", "steady"))[0]["stringData"]["token"]
+    creates_before = _creates(emulator)
+    async with running_operator(emulator, settings, metrics):
+        await asyncio.sleep(1.0)  # several resync ticks of the new operator
+        assert _creates(emulator) == creates_before, "a restarted operator created objects"
+        assert len(await cluster.pods("steady")) == 4
+        assert (await cluster.list("secrets", "steady"))[0]["stringData"]["token"] == token
+        await cluster.patch_job("steady", {"spec": {"clients": {"replicas": 1},
+                                                    "strategy": {"minClients": 1}}})
+        pods = await wait_until(lambda: _len_at_most(cluster.pods("steady"), 2),
+                                what="extra clients deleted")
+        assert set(pods) == {"steady-aggregator", "steady-client-0"}
+
+
+async def test_immutable_change_rejected(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("fixed", SPEC)
+        await wait_until(lambda: _with_phase(cluster, "fixed", "Pending"), what="created")
+        config = (await cluster.list("configmaps", "fixed"))[0]["data"]
+        await cluster.patch_job("fixed", {"spec": {"strategy": {"name": "fedprox"}}})
+        job = await wait_until(lambda: _has_condition(cluster, "fixed", "SpecRejected"),
+                               what="SpecRejected")
+        assert "spec.strategy" in condition(job, "SpecRejected")["message"]
+        assert (await cluster.list("configmaps", "fixed"))[0]["data"] == config
+
+
+async def test_job_deleted_children_go(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("gone", SPEC)
+        await wait_until(lambda: _len_at_least(cluster.pods("gone"), 4), what="pods")
+        uid = (await cluster.job("gone"))["metadata"]["uid"]
+        await cluster.delete_job("gone")
+        await wait_until(lambda: _absent(cluster, "gone"), what="job deleted (finalizer gone)")
+        assert await cluster.collect_garbage(uid) >= 8  # every child has the owner reference
+        await asyncio.sleep(0.8)  # the operator must not recreate anything for a gone job
+        assert await cluster.pods("gone") == {}
+        assert await cluster.list("configmaps", "gone") == []
+
+
+async def test_hundred_jobs_all_reconciled(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    spec = {"rounds": 1, "clients": {"replicas": 2}, "strategy": {"minClients": 1}}
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await asyncio.gather(*(cluster.create_job(f"bulk-{i}", spec) for i in range(100)))
+        await wait_until(lambda: _pod_count(cluster, 300), what="300 pods", timeout=45)
+        jobs = await cluster.list("federatedjobs", group="/apis/fedkube.io/v1alpha1")
+        assert len(jobs) == 100
+        await wait_until(lambda: _all_have_status(cluster), what="every job's status")
+
+
+# --- polling helpers (each returns something truthy when the wait is over) ---------------
+async def _len_at_least(pods: Any, n: int) -> dict[str, Any] | None:
+    found = await pods
+    return found if len(found) >= n else None
+
+
+async def _len_at_most(pods: Any, n: int) -> dict[str, Any] | bool | None:
+    found = await pods
+    return (found or True) if len(found) <= n else None
+
+
+async def _with_phase(cluster: Cluster, name: str, want: str) -> dict[str, Any] | None:
+    job = await cluster.job(name)
+    return job if phase(job) == want else None
+
+
+async def _round(cluster: Cluster, name: str, want: int) -> dict[str, Any] | None:
+    job = await cluster.job(name)
+    return job if (job or {}).get("status", {}).get("round") == want else None
+
+
+async def _restarts(cluster: Cluster, name: str, want: int) -> dict[str, Any] | None:
+    job = await cluster.job(name)
+    return job if (job or {}).get("status", {}).get("restarts") == want else None
+
+
+async def _phase_of(cluster: Cluster, job: str, pod: str, want: str) -> bool:
+    pods = await cluster.pods(job)
+    return pod in pods and (pods[pod].get("status") or {}).get("phase", "Pending") == want
+
+
+async def _has_condition(cluster: Cluster, name: str, type_: str) -> dict[str, Any] | None:
+    job = await cluster.job(name)
+    conditions = (job or {}).get("status", {}).get("conditions") or []
+    return job if any(c["type"] == type_ and c["status"] == "True" for c in conditions) \
+        else None
+
+
+async def _absent(cluster: Cluster, name: str) -> bool:
+    return await cluster.job(name) is None
+
+
+async def _pod_count(cluster: Cluster, n: int) -> bool:
+    return len(await cluster.list("pods")) >= n
+
+
+async def _all_have_status(cluster: Cluster) -> bool:
+    jobs = await cluster.list("federatedjobs", group="/apis/fedkube.io/v1alpha1")
+    return all(phase(j) == "Pending" for j in jobs)
+
+
+def _creates(emulator: FedkubeEmulator) -> int:
+    from kmock._internal import enums
+    return sum(1 for r in emulator._requests if r.action == enums.action.CREATE
+               and r.resource is not None and str(r.resource.plural) != "events")
