@@ -48,6 +48,9 @@ MAX_POLL_SECONDS = 10.0
 MAX_ROUND_ATTEMPTS = 3
 #: How long a finished aggregator keeps answering FINISHED so that clients exit cleanly.
 FINISH_GRACE_SECONDS = 10.0
+#: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
+#: otherwise grow with the number of sampled clients.
+MAX_CONCURRENT_SENDS = 4
 
 
 def select_device() -> torch.device:
@@ -118,6 +121,7 @@ class Aggregator(pb_grpc.FederationServicer):
         self._cond = threading.Condition()
         self._fold_lock = threading.Lock()
         self._buffer: dict[str, torch.Tensor] | None = None
+        self._send_slots = threading.BoundedSemaphore(MAX_CONCURRENT_SENDS)
         self.metrics.rounds_total.set(self.spec.rounds)
 
     # ---- state -----------------------------------------------------------------------------
@@ -200,9 +204,10 @@ class Aggregator(pb_grpc.FederationServicer):
         yield pb.TaskChunk(header=pb.TaskHeader(
             action=pb.TaskHeader.TRAIN, round=state.number,
             proximal_mu=self.strategy.proximal_mu, tensors=protocol.to_specs(state.metas)))
-        for data in transport.iter_chunks(state.wire, self.spec.transport.chunk_bytes):
-            self.metrics.model_bytes.inc(len(data))
-            yield pb.TaskChunk(data=data)
+        with self._send_slots:
+            for data in transport.iter_chunks(state.wire, self.spec.transport.chunk_bytes):
+                self.metrics.model_bytes.inc(len(data))
+                yield pb.TaskChunk(data=data)
 
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk],
                    context: grpc.ServicerContext) -> pb.PushUpdateReply:

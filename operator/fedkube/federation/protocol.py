@@ -29,6 +29,9 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Fixed flow-control windows: with BDP probing each waiting update stream may grow
+        # a multi-megabyte receive buffer, and aggregator memory would grow with clients.
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
