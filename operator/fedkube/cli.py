@@ -123,5 +123,31 @@ def render(files: tuple[Path, ...]) -> None:
     click.echo(render_files(files), nl=False)
 
 
+@main.command()
+@click.option("-n", "--namespace", "namespaces", multiple=True,
+              help="Watch only this namespace (repeatable); all namespaces when omitted.")
+@click.option("--all-namespaces", is_flag=True, help="Watch every namespace (the default).")
+@click.option("--standalone", is_flag=True,
+              help="No peering: for development; in a cluster, replicas elect one active.")
+@click.option("--peering-name", default="fedkube", show_default=True,
+              help="kopf peering object shared by the operator's replicas.")
+@click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True,
+              help="kopf liveness endpoint URL.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port of the Prometheus /metrics endpoint.")
+@click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def operator(namespaces: tuple[str, ...], all_namespaces: bool, standalone: bool,
+             peering_name: str, liveness: str, metrics_port: int, json_logs: bool,
+             verbose: bool) -> None:
+    """Run the fedkube operator: FederatedJobs -> aggregator and client pods."""
+    from fedkube.controller.operator import run_operator
+
+    if all_namespaces and namespaces:
+        raise click.UsageError("use --namespace or --all-namespaces, not both")
+    run_operator(namespaces, standalone, peering_name, liveness, metrics_port, json_logs,
+                 verbose)
+
+
 if __name__ == "__main__":
     main()

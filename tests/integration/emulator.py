@@ -127,12 +127,19 @@ async def running_operator(emulator: FedkubeEmulator, settings: ControllerSettin
     kopf_settings.watching.server_timeout = 60
     kopf_settings.networking.request_timeout = 10
     kopf_settings.batching.batch_window = 0.01
-    kopf_settings.batching.idle_timeout = 5
+    kopf_settings.batching.idle_timeout = 0.5
+    kopf_settings.batching.exit_timeout = 1
+    kopf_settings.background.cancellation_polling = 0.1
     task = asyncio.create_task(kopf.operator(
         registry=registry, settings=kopf_settings, standalone=True, clusterwide=True,
         stop_flag=stop))
+    seen = len(emulator._requests)
     try:
-        await wait_until(lambda: _watching(emulator), what="the operator to watch jobs and pods")
+        await wait_until(lambda: _watching(emulator, seen) or task.done(),
+                         what="the operator to watch jobs and pods")
+        if task.done():
+            task.result()  # raises what stopped the operator
+            raise AssertionError("the operator exited at start")
         yield controller
     finally:
         stop.set()
@@ -140,9 +147,10 @@ async def running_operator(emulator: FedkubeEmulator, settings: ControllerSettin
             await asyncio.wait_for(task, timeout=10)
 
 
-def _watching(emulator: FedkubeEmulator) -> bool:
-    """Pitfall 2: objects written before a watch subscribes are never announced."""
-    watched = {str(r.resource.plural) for r in emulator._requests
+def _watching(emulator: FedkubeEmulator, seen: int) -> bool:
+    """Pitfall 2: objects written before a watch subscribes are never announced.
+    Only requests after the first ``seen`` count (an earlier operator's do not)."""
+    watched = {str(r.resource.plural) for r in emulator._requests[seen:]
                if r.action == enums.action.WATCH and r.resource is not None}
     return {PLURAL, "pods"} <= watched
 

@@ -219,7 +219,7 @@ class RunPolicy(ApiModel):
     suspend: bool = False
     """Suspend the job: its pods are deleted; unsuspending resumes from the checkpoint."""
 
-    stuck_pod_timeout_seconds: int = Field(default=300, ge=10, le=86400)
+    stuck_pod_timeout_seconds: int = Field(default=300, ge=1, le=86400)
     """Fail the job when a pod stays unschedulable, cannot pull its image or crash-loops
     for this long, instead of waiting forever."""
 
