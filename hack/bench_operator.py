@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from emulator import Cluster, operator_settings, running_operator, serve_emulator  # noqa: E402
+from emulator import Cluster, operator_settings, running_operator, serve_emulator
 
 
 async def time_until_pods(cluster: Cluster, want: int, timeout: float = 300) -> float:

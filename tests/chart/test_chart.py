@@ -127,14 +127,20 @@ def test_operator_args_are_options_of_fedkube_operator(chart: ModuleType) -> Non
     """The Deployment runs `fedkube operator` with flags that command really has."""
     from fedkube.cli import main
 
-    command = main.commands.get("operator")
-    if command is None:
-        pytest.skip("`fedkube operator` is not in fedkube.cli yet")
+    command = main.commands["operator"]
     options = {opt for param in command.params for opt in getattr(param, "opts", [])}
     container = _container(_render(chart, values=(chart.ALL_FEATURES,)))
     assert container["command"] == ["fedkube", "operator"]
     flags = {arg.split("=", 1)[0] for arg in container["args"]}
     assert flags <= options, f"unknown flags {sorted(flags - options)}"
+
+
+def test_operator_pods_carry_the_labels_job_network_policies_admit(chart: ModuleType) -> None:
+    """Each job's NetworkPolicy lets the operator poll /status by these pod labels."""
+    from fedkube.controller.builders import OPERATOR_POD_LABELS
+
+    labels = _one(_render(chart), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert OPERATOR_POD_LABELS.items() <= labels.items()
 
 
 def _rules(doc: dict) -> set[tuple[str, str, str]]:
