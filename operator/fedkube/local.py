@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from fedkube.api import FederatedJob
+from fedkube.api import FederatedJob, JobMetrics
 from fedkube.api.runtime import AggregatorReport, RuntimeConfig
 from fedkube.api.validation import InvalidJobError, load_jobs
 from fedkube.federation.runtime import THREADS_ENV
@@ -162,8 +162,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def _follow(job: FederatedJob, group: ProcessGroup,
-            aggregator: subprocess.Popen[bytes]) -> int:
+def _follow(job: FederatedJob, aggregator: subprocess.Popen[bytes], history_file: Path) -> int:
     """Show progress until the aggregator exits; its exit code."""
     port = job.spec.aggregator.metrics_port
     started = time.monotonic()
@@ -178,6 +177,15 @@ def _follow(job: FederatedJob, group: ProcessGroup,
                 pass  # not up yet, or just exited
             live.update(progress_table(job.metadata.name, report, history, started))
             time.sleep(0.25)
+        if aggregator.returncode == 0 and report is not None and history_file.exists():
+            # The last poll may predate the final rounds: end on what the aggregator saved.
+            history = json.loads(history_file.read_text())
+            last = history[-1]
+            report = report.model_copy(update={
+                "phase": "Succeeded", "round": last["round"],
+                "metrics": JobMetrics(loss=last["loss"], accuracy=last["accuracy"]),
+            })
+            live.update(progress_table(job.metadata.name, report, history, started))
     return int(aggregator.returncode)
 
 
@@ -204,7 +212,7 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
             for index in range(job.spec.clients.replicas):
                 group.start(f"client-{index}", "client", "--config", str(config),
                             "--index", str(index))
-            code = _follow(job, group, aggregator)
+            code = _follow(job, aggregator, folder / "history.json")
             group.wait_all(CLIENT_EXIT_GRACE)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the aggregator and the clients[/yellow]")
