@@ -8,6 +8,7 @@ API), is evaluated as a range query over the run, and must return at least one f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,9 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client import start_http_server
 
+from fedkube.controller.metrics import OperatorMetrics
 from fedkube.federation.metrics import AggregatorMetrics
 from tests.e2e.prometheus import SCRAPE_INTERVAL_MS, SCRAPE_INTERVAL_S, Prometheus, free_port
 from tests.promql import dashboard_exprs, substitute
@@ -149,38 +152,59 @@ def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
         thread.join()
 
 
-def test_operator_dashboard_queries_on_prometheus_over_the_operator_registry(
+async def test_operator_dashboard_panels_return_data_from_a_real_operator(
         tmp_path: Path, prometheus_binary: str) -> None:
-    """Every operator-dashboard query finds data on this Prometheus, over the operator's real
-    metric registry updated as reconciles update it (one of them failing, one pod replaced).
+    """Every operator-dashboard panel returns data while the real kopf operator reconciles a
+    job against the API emulator: created, Running, a client pod failed and replaced, and
+    Succeeded. Prometheus scrapes the operator's registry on its own port, as in a cluster."""
+    from tests.integration.emulator import (
+        Cluster,
+        operator_settings,
+        running_operator,
+        serve_emulator,
+        wait_until,
+    )
 
-    The operator process itself is not run here (it needs a Kubernetes API); this checks the
-    queries against the names, labels and types the operator really registers.
-    """
-    from fedkube.api.status import Phase
-
-    operator_metrics = pytest.importorskip(
-        "fedkube.controller.metrics", reason="the operator's metrics module is not there yet")
-    metrics = operator_metrics.OperatorMetrics()
+    metrics = OperatorMetrics()
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+
+    async def job_phase(cluster: Cluster, want: str) -> bool:
+        job = await cluster.job("digits")
+        return ((job or {}).get("status") or {}).get("phase") == want
+
+    async def pod_count(cluster: Cluster, want: int) -> bool:
+        return len(await cluster.pods("digits")) >= want
+
     try:
         with Prometheus(tmp_path, {"operator": [f"127.0.0.1:{port}"]}) as prom:
-            prom.wait_targets_up()
+            await asyncio.to_thread(prom.wait_targets_up)
             start = time.time()
-            metrics.jobs_created.inc()
-            metrics.set_phase("ml", "digits", Phase.PENDING)
-            for step in range(8):
-                time.sleep(SCRAPE_INTERVAL_S)
-                metrics.reconcile_total.labels(result="error" if step == 3 else "ok").inc()
-                metrics.reconcile_duration.observe(0.005 * (step + 1))
-                if step == 2:
-                    metrics.set_phase("ml", "digits", Phase.RUNNING)
-                    metrics.pod_restarts.labels(role="client").inc()
-            metrics.set_phase("ml", "digits", Phase.SUCCEEDED)
-            metrics.jobs_completed.labels(result="Succeeded").inc()
-            time.sleep(8 * SCRAPE_INTERVAL_S)
-            assert_every_panel_returns_data(prom, "operator.json", start, time.time())
+            async with serve_emulator() as (emulator, url), \
+                    aiohttp.ClientSession() as session:
+                cluster = Cluster(url, session)
+                async with running_operator(emulator, operator_settings(url), metrics):
+                    await cluster.create_job("digits", {
+                        "rounds": 3, "clients": {"replicas": 2},
+                        "runPolicy": {"backoffLimit": 2}})
+                    await wait_until(lambda: pod_count(cluster, 3), what="3 pods")
+                    for name in await cluster.pods("digits"):
+                        await cluster.set_pod_status(name, {"phase": "Running"})
+                    await wait_until(lambda: job_phase(cluster, "Running"), what="Running")
+                    await asyncio.sleep(3 * SCRAPE_INTERVAL_S)
+                    await cluster.set_pod_status("digits-client-0", {"phase": "Failed"})
+                    await wait_until(lambda: restarted(metrics), what="client-0 replaced")
+                    await asyncio.sleep(3 * SCRAPE_INTERVAL_S)
+                    await cluster.set_pod_status("digits-aggregator", {"phase": "Succeeded"})
+                    await wait_until(lambda: job_phase(cluster, "Succeeded"), what="Succeeded")
+                    await asyncio.sleep(8 * SCRAPE_INTERVAL_S)
+            await asyncio.to_thread(assert_every_panel_returns_data, prom, "operator.json",
+                                    start, time.time())
     finally:
         server.shutdown()
         thread.join()
+
+
+def restarted(metrics: OperatorMetrics) -> bool:
+    return bool(metrics.registry.get_sample_value("fedkube_pod_restarts_total",
+                                                  {"role": "client"}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fedkube.api.constants import ROLE_AGGREGATOR, ROLE_CLIENT
 from fedkube.api.status import Phase
 
 
@@ -30,6 +31,14 @@ class OperatorMetrics:
                                     "Failed pods recreated, by role.", ["role"],
                                     registry=self.registry)
         self._phases: dict[tuple[str, str], str] = {}
+        # Series for every known label value exist from the start, at 0, so that a dashboard
+        # shows "0 errors" and rate() sees the first increment, instead of "No data".
+        for result in ("ok", "error"):
+            self.reconcile_total.labels(result=result)
+        for phase in (Phase.SUCCEEDED, Phase.FAILED):
+            self.jobs_completed.labels(result=phase.value)
+        for role in (ROLE_AGGREGATOR, ROLE_CLIENT):
+            self.pod_restarts.labels(role=role)
 
     def set_phase(self, namespace: str, name: str, phase: Phase | None) -> None:
         """Record a job's phase (None: the job is gone) and refresh ``fedkube_jobs``."""
