@@ -63,6 +63,7 @@ $(BENCH_VENV)/.installed:
 bench: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python hack/bench_strategies.py --flower-python $(BENCH_VENV)/bin/python
 	$(BIN)/python hack/bench_aggregator_memory.py
+	$(BIN)/python hack/bench_operator.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -67,6 +67,8 @@ class Controller:
                 try:
                     await self.reconcile_once(namespace, name)
                 except Exception:
+                    if self.kube is None:
+                        return  # the operator is exiting: the pass was cut off, not failed
                     self.metrics.reconcile_total.labels(result="error").inc()
                     logger.exception("reconcile of %s/%s failed; retried on the next event "
                                      "or timer tick", namespace, name)
@@ -80,8 +82,9 @@ class Controller:
         self.metrics.set_phase(namespace, name, None)
 
     async def reconcile_once(self, namespace: str, name: str) -> None:
-        assert self.kube is not None, "the login handler connects before any handler runs"
         kube = self.kube
+        if kube is None:
+            return  # the operator is exiting
         body = await kube.get(KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
@@ -205,35 +208,35 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.posting.level = logging.INFO
+        # Startup handlers finish before any resource handler runs, and cleanup handlers
+        # start after every one has stopped: one session serves the operator's whole life.
+        controller.kube = Kube.connect(credentials(controller.settings))
 
     @kopf.on.cleanup(registry=registry)
     async def disconnect(**_: Any) -> None:
-        if controller.kube is not None:
-            await controller.kube.close()
-            controller.kube = None
+        kube, controller.kube = controller.kube, None
+        if kube is not None:
+            await kube.close()
 
     @kopf.on.event(**jobs)
     async def job_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
         if type == "DELETED":
             controller.forget(namespace, name)
             return
-        await ensure_connected(controller)
         await controller.trigger(namespace, name)
 
-    @kopf.timer(**jobs, interval=controller.settings.resync_seconds)
+    # A daemon, not a timer: kopf cancels a daemon on shutdown (within cancellation_timeout)
+    # but orphans a timer caught mid-pass, which then runs on against the closed session.
+    # The sleep is a plain one because cancellation is how kopf stops async daemons.
+    @kopf.daemon(**jobs, cancellation_timeout=1.0)
     async def resync(name: str, namespace: str, **_: Any) -> None:
-        await ensure_connected(controller)
-        await controller.trigger(namespace, name)
+        while True:
+            await controller.trigger(namespace, name)
+            await asyncio.sleep(controller.settings.resync_seconds)
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     async def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
-        await ensure_connected(controller)
         await controller.trigger(namespace, labels[LABEL_JOB])
-
-
-async def ensure_connected(controller: Controller) -> None:
-    if controller.kube is None:
-        controller.kube = Kube.connect(credentials(controller.settings))
 
 
 def credentials(settings: ControllerSettings) -> kopf.ConnectionInfo:
