@@ -32,7 +32,8 @@ def test_a_job_completes_with_model_history_and_exit_codes(tmp_path: Path) -> No
 
 def test_a_client_killed_mid_round_does_not_stop_the_round(tmp_path: Path) -> None:
     # Slow local training (many epochs) so that the kill lands while the client trains.
-    config = make_config(tmp_path, rounds=3, clients=3, min_clients=2, timeout=4,
+    # The first round waits (up to the round timeout) for all three clients to join.
+    config = make_config(tmp_path, rounds=3, clients=3, min_clients=2, timeout=6,
                          task_config={"hidden": 16, "localEpochs": 40})
     with processes(tmp_path) as group:
         aggregator = group.aggregator(config)
@@ -43,6 +44,16 @@ def test_a_client_killed_mid_round_does_not_stop_the_round(tmp_path: Path) -> No
     history = json.loads((tmp_path / "output" / "history.json").read_text())
     assert [entry["round"] for entry in history] == [1, 2, 3]
     assert history[0]["sampled"] == 3 and history[0]["clients"] == 2, history[0]
+
+
+def test_the_first_round_starts_without_a_client_that_never_joins(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=3, min_clients=2, timeout=3)
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        [group.client(config, i) for i in range(2)]
+        assert aggregator.wait(120) == 0, group.log("aggregator")
+    history = json.loads((tmp_path / "output" / "history.json").read_text())
+    assert history[0]["sampled"] == 2 and history[0]["clients"] == 2, history[0]
 
 
 def test_a_restarted_aggregator_resumes_after_its_last_checkpoint(tmp_path: Path) -> None:

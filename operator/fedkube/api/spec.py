@@ -76,7 +76,9 @@ class StrategySpec(ApiModel):
     """Fraction of connected clients sampled for each round (at least ``minClients``)."""
 
     min_clients: int = Field(default=2, ge=1, le=10000)
-    """Clients that must answer for a round to complete; a round waits for this many."""
+    """Clients that must answer for a round to complete. A round starts once this many are
+    connected; the first round waits up to 30 s more (at most ``roundTimeoutSeconds``) for
+    all ``clients.replicas``."""
 
     round_timeout_seconds: int = Field(default=300, ge=1, le=86400)
     """Time a round waits for sampled clients; stragglers are dropped after it."""

@@ -48,6 +48,10 @@ MAX_POLL_SECONDS = 10.0
 MAX_ROUND_ATTEMPTS = 3
 #: How long a finished aggregator keeps answering FINISHED so that clients exit cleanly.
 FINISH_GRACE_SECONDS = 10.0
+#: Longest the first round waits for the rest of ``clients.replicas`` once ``minClients``
+#: have joined (bounded by ``roundTimeoutSeconds`` too): client pods start seconds apart, and a
+#: round sampled from the first few to join would leave the others idle for a whole round.
+JOIN_GRACE_SECONDS = 30.0
 #: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
 #: otherwise grow with the number of sampled clients.
 MAX_CONCURRENT_SENDS = 4
@@ -279,16 +283,24 @@ class Aggregator(pb_grpc.FederationServicer):
         with self._cond:
             self.phase, self.message = phase, message
 
-    def _wait_for_clients(self, needed: int) -> list[str]:
+    def _wait_for_clients(self, needed: int, wanted: int, grace: float) -> list[str]:
+        """Wait until ``needed`` clients are connected, then up to ``grace`` seconds more
+        until ``wanted`` are."""
+        enough_since: float | None = None
         with self._cond:
             while True:
-                connected = self._connected(time.monotonic())
+                now = time.monotonic()
+                connected = self._connected(now)
                 self.metrics.clients_connected.set(len(connected))
                 if len(connected) >= needed:
-                    return connected
+                    enough_since = now if enough_since is None else enough_since
+                    if len(connected) >= wanted or now - enough_since >= grace:
+                        return connected
+                else:
+                    enough_since = None
                 self.phase = "Waiting"
-                self.message = f"waiting for clients: {len(connected)} of {needed} connected"
-                self._cond.wait(1.0)
+                self.message = f"waiting for clients: {len(connected)} of {wanted} connected"
+                self._cond.wait(min(1.0, grace) if enough_since is not None else 1.0)
 
     def _open_round(self, number: int, connected: list[str], attempt: int) -> RoundState:
         strategy_spec = self.spec.strategy
@@ -302,8 +314,11 @@ class Aggregator(pb_grpc.FederationServicer):
         return RoundState(number, sampled, metas, wire,
                           self.strategy.new_round(self.global_state, max_updates=count))
 
-    def _run_round(self, number: int, attempt: int) -> RoundState:
-        connected = self._wait_for_clients(self.spec.strategy.min_clients)
+    def _run_round(self, number: int, attempt: int, first: bool) -> RoundState:
+        strategy_spec = self.spec.strategy
+        grace = min(JOIN_GRACE_SECONDS, strategy_spec.round_timeout_seconds) if first else 0.0
+        connected = self._wait_for_clients(strategy_spec.min_clients,
+                                           self.spec.clients.replicas, grace)
         state = self._open_round(number, connected, attempt)
         deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
         with self._cond:
@@ -385,11 +400,13 @@ class Aggregator(pb_grpc.FederationServicer):
     def run(self) -> int:
         """The whole job; the exit code (0 after the final round)."""
         self._restore()
+        first = True
         while self.completed < self.spec.rounds:
             number = self.completed + 1
             for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
                 started = time.monotonic()
-                state = self._run_round(number, attempt)
+                state = self._run_round(number, attempt, first)
+                first = False
                 if state.accepted >= self.spec.strategy.min_clients:
                     self._complete_round(state, started)
                     break
