@@ -58,10 +58,14 @@ class RuntimeConfig(ApiModel):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
+AggregatorPhase = Literal["Waiting", "Running", "Succeeded", "Failed"]
+"""Waiting for clients, running rounds, or finished."""
+
+
 class AggregatorReport(ApiModel):
     """What the aggregator says of itself on ``GET /status``."""
 
-    phase: Literal["Waiting", "Running", "Succeeded", "Failed"]
+    phase: AggregatorPhase
     """Waiting for clients, running rounds, or finished."""
 
     round: int = Field(ge=0)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -92,7 +93,7 @@ class Controller:
         try:
             job = parse_job(body)
         except ValidationError as error:
-            kopf.warn(body, reason="InvalidSpec",
+            kopf.warn(_as_body(body), reason="InvalidSpec",
                       message=f"the operator cannot use this spec: {error}")
             return
         observed = await self.observe(kube, job)
@@ -130,7 +131,7 @@ class Controller:
                 try:
                     await kube.create(manifest)
                 except Exception as error:
-                    kopf.warn(body, reason="CreateFailed",
+                    kopf.warn(_as_body(body), reason="CreateFailed",
                               message=f"cannot create {manifest['kind']} "
                                       f"{manifest['metadata']['name']}: {error}")
                     raise
@@ -144,7 +145,7 @@ class Controller:
             if isinstance(action, Delete):
                 await kube.delete(action.kind, job.namespace, action.name)
             elif isinstance(action, Event):
-                kopf.event(body, type=action.type, reason=action.reason,
+                kopf.event(_as_body(body), type=action.type, reason=action.reason,
                            message=action.message)
                 (logger.warning if action.type == "Warning" else logger.info)(
                     "%s/%s: %s: %s", job.namespace, job.name, action.reason, action.message)
@@ -183,6 +184,11 @@ def _own_status(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
 
 
+def _as_body(body: dict[str, Any]) -> kopf.Body:
+    """An object read from the API server, as kopf's event posting takes it."""
+    return kopf.Body(cast(kopf.RawBody, body))
+
+
 def parse_job(body: dict[str, Any]) -> FederatedJob:
     """The FederatedJob model of an object read from the API server."""
     status = _own_status(body)
@@ -195,11 +201,9 @@ def parse_job(body: dict[str, Any]) -> FederatedJob:
 
 def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     """Register the operator's handlers on ``registry``, bound to ``controller``."""
-    jobs = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
-
     @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return credentials(controller.settings)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        return credentials(controller.settings, settings)
 
     @kopf.on.startup(registry=registry)
     async def connect(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -210,7 +214,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         settings.posting.level = logging.INFO
         # Startup handlers finish before any resource handler runs, and cleanup handlers
         # start after every one has stopped: one session serves the operator's whole life.
-        controller.kube = Kube.connect(credentials(controller.settings))
+        controller.kube = Kube.connect(credentials(controller.settings, settings))
 
     @kopf.on.cleanup(registry=registry)
     async def disconnect(**_: Any) -> None:
@@ -218,8 +222,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         if kube is not None:
             await kube.close()
 
-    @kopf.on.event(**jobs)
-    async def job_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+        assert namespace is not None, "FederatedJobs are namespaced"
         if type == "DELETED":
             controller.forget(namespace, name)
             return
@@ -228,24 +233,28 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     # A daemon, not a timer: kopf cancels a daemon on shutdown (within cancellation_timeout)
     # but orphans a timer caught mid-pass, which then runs on against the closed session.
     # The sleep is a plain one because cancellation is how kopf stops async daemons.
-    @kopf.daemon(**jobs, cancellation_timeout=1.0)
-    async def resync(name: str, namespace: str, **_: Any) -> None:
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=1.0)
+    async def resync(name: str, namespace: str | None, **_: Any) -> None:
+        assert namespace is not None, "FederatedJobs are namespaced"
         while True:
             await controller.trigger(namespace, name)
             await asyncio.sleep(controller.settings.resync_seconds)
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        assert namespace is not None, "pods are namespaced"
         await controller.trigger(namespace, labels[LABEL_JOB])
 
 
-def credentials(settings: ControllerSettings) -> kopf.ConnectionInfo:
+def credentials(settings: ControllerSettings,
+                kopf_settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     """Where kopf and the operator's own calls go: the configured server, else in-cluster
     service account, else kubeconfig."""
     if settings.kube_server:
         return kopf.ConnectionInfo(server=settings.kube_server, insecure=True,
                                    default_namespace="default")
-    info = kopf.login_with_service_account() or kopf.login_with_kubeconfig()
+    info = (kopf.login_with_service_account(settings=kopf_settings)
+            or kopf.login_with_kubeconfig(settings=kopf_settings))
     if info is None:
         raise kopf.LoginError("no in-cluster service account and no kubeconfig found")
     return info

@@ -136,7 +136,7 @@ def set_condition(status: FederatedJobStatus, type_: ConditionType, value: bool,
     """Set a condition; its lastTransitionTime moves only when its status flips.
 
     Returns the new status and whether the condition flipped (a transition worth an Event)."""
-    new = "True" if value else "False"
+    new: Literal["True", "False"] = "True" if value else "False"
     old = status.condition(type_)
     if old is None and not value:
         return status, False  # a condition that never held needs no False entry

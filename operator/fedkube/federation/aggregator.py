@@ -23,14 +23,14 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedkube.api import JobMetrics
-from fedkube.api.runtime import AggregatorReport, RuntimeConfig
+from fedkube.api.runtime import AggregatorPhase, AggregatorReport, RuntimeConfig
 from fedkube.federation import checkpoint, protocol, transport
 from fedkube.federation.metrics import AggregatorMetrics
 from fedkube.federation.proto import fedkube_pb2 as pb
@@ -55,6 +55,12 @@ JOIN_GRACE_SECONDS = 30.0
 #: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
 #: otherwise grow with the number of sampled clients.
 MAX_CONCURRENT_SENDS = 4
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the call with ``code``: grpc's abort raises, which its types do not say."""
+    context.abort(code, details)
+    raise AssertionError("unreachable: grpc's abort raises")
 
 
 def select_device() -> torch.device:
@@ -99,7 +105,7 @@ class RoundState:
     closed: bool = False
 
 
-class Aggregator(pb_grpc.FederationServicer):
+class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped generated base
     """One job's aggregator; :meth:`run` returns the process exit code."""
 
     def __init__(self, config: RuntimeConfig) -> None:
@@ -116,7 +122,7 @@ class Aggregator(pb_grpc.FederationServicer):
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.history: list[dict[str, Any]] = []
         self.completed = 0
-        self.phase = "Waiting"
+        self.phase: AggregatorPhase = "Waiting"
         self.message = ""
         self.clients: dict[str, ClientInfo] = {}
         self.current: RoundState | None = None
@@ -150,12 +156,12 @@ class Aggregator(pb_grpc.FederationServicer):
         metadata = dict(context.invocation_metadata())
         if self.token is not None and not hmac.compare_digest(
                 str(metadata.get(protocol.TOKEN_KEY, "")), f"Bearer {self.token}"):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing job credential")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing job credential")
         client_id = str(metadata.get(protocol.CLIENT_ID_KEY, ""))
         with self._cond:
             info = self.clients.get(client_id)
             if info is None:
-                context.abort(grpc.StatusCode.NOT_FOUND,
+                _abort(context, grpc.StatusCode.NOT_FOUND,
                               f"unknown client id {client_id!r}: join again")
             info.last_seen = time.monotonic()
         return client_id
@@ -164,7 +170,7 @@ class Aggregator(pb_grpc.FederationServicer):
         if self.token is not None and not hmac.compare_digest(request.token, self.token):
             log.warning("refused a join from %s (index %d): wrong credential",
                         context.peer(), request.index)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong job credential")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong job credential")
         client_id = f"client-{request.index}-{uuid.uuid4().hex[:8]}"
         with self._cond:
             # A restarted client takes its index back; its old session is gone.
@@ -218,7 +224,7 @@ class Aggregator(pb_grpc.FederationServicer):
         client_id = self._authenticate(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update starts with its header")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an update starts with its header")
         header = first.header
         with self._fold_lock:
             state = self.current
@@ -279,7 +285,7 @@ class Aggregator(pb_grpc.FederationServicer):
 
     # ---- round loop ------------------------------------------------------------------------
 
-    def _set_phase(self, phase: str, message: str = "") -> None:
+    def _set_phase(self, phase: AggregatorPhase, message: str = "") -> None:
         with self._cond:
             self.phase, self.message = phase, message
 

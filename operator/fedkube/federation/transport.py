@@ -96,7 +96,7 @@ def manifest(state: Mapping[str, torch.Tensor]) -> list[TensorMeta]:
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy (it must be contiguous and on the CPU)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def iter_chunks(state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Iterator[bytes]:
