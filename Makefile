@@ -62,8 +62,8 @@ $(BENCH_VENV)/.installed:
 
 bench: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python hack/bench_strategies.py --flower-python $(BENCH_VENV)/bin/python
-	$(BIN)/python hack/bench_aggregator_memory.py
 	$(BIN)/python hack/bench_operator.py
+	$(BIN)/python hack/bench_aggregator_memory.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
