@@ -186,6 +186,8 @@ def _follow(job: FederatedJob, aggregator: subprocess.Popen[bytes], history_file
                 "metrics": JobMetrics(loss=last["loss"], accuracy=last["accuracy"]),
             })
             live.update(progress_table(job.metadata.name, report, history, started))
+    if not console.is_terminal:
+        console.line()  # off a terminal, Live leaves its last frame without a newline
     return int(aggregator.returncode)
 
 
