@@ -305,8 +305,9 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
                 else:
                     enough_since = None
                 self.phase = "Waiting"
-                self.message = f"waiting for clients: {len(connected)} of {wanted} connected"
-                self._cond.wait(min(1.0, grace) if enough_since is not None else 1.0)
+                target = needed if enough_since is None else wanted
+                self.message = f"waiting for clients: {len(connected)} of {target} connected"
+                self._cond.wait(1.0)
 
     def _open_round(self, number: int, connected: list[str], attempt: int) -> RoundState:
         strategy_spec = self.spec.strategy
