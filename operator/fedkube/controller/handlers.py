@@ -1,6 +1,6 @@
 """kopf handlers: thin glue that observes, calls the pure reconcile, and performs its actions.
 
-Every trigger (job event, pod event, timer) funnels into :meth:`Controller.trigger`, which
+Every trigger (job event, pod event, periodic resync) funnels into :meth:`Controller.trigger`, which
 coalesces bursts (a hundred pod events make one or two passes, not a hundred) and runs at
 most one pass per job at a time, so two triggers never race to create the same pod.
 """
@@ -72,7 +72,7 @@ class Controller:
                         return  # the operator is exiting: the pass was cut off, not failed
                     self.metrics.reconcile_total.labels(result="error").inc()
                     logger.exception("reconcile of %s/%s failed; retried on the next event "
-                                     "or timer tick", namespace, name)
+                                     "or resync", namespace, name)
                 else:
                     self.metrics.reconcile_total.labels(result="ok").inc()
                 finally:

@@ -13,7 +13,7 @@ DEFAULT_STATUS_URL = "http://{service}.{namespace}.svc:{port}/status"
 @dataclass(frozen=True)
 class ControllerSettings:
     resync_seconds: float = 10.0
-    """Interval of the per-job timer that re-runs the reconcile (deadlines, TTL, stuck pods,
+    """Interval of the per-job resync that re-runs the reconcile (deadlines, TTL, stuck pods,
     aggregator polling) even when nothing changes."""
     status_url: str = DEFAULT_STATUS_URL
     """Template of the aggregator's status URL."""
