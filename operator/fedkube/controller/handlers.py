@@ -1,8 +1,9 @@
 """kopf handlers: thin glue that observes, calls the pure reconcile, and performs its actions.
 
-Every trigger (job event, pod event, periodic resync) funnels into :meth:`Controller.trigger`, which
-coalesces bursts (a hundred pod events make one or two passes, not a hundred) and runs at
-most one pass per job at a time, so two triggers never race to create the same pod.
+Every trigger (job event, pod event, periodic resync) funnels into
+:meth:`Controller.trigger`, which coalesces bursts (a hundred pod events make one or two
+passes, not a hundred) and runs at most one pass per job at a time, so two triggers never
+race to create the same pod.
 """
 
 from __future__ import annotations
