@@ -162,7 +162,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             info = self.clients.get(client_id)
             if info is None:
                 _abort(context, grpc.StatusCode.NOT_FOUND,
-                              f"unknown client id {client_id!r}: join again")
+                       f"unknown client id {client_id!r}: join again")
             info.last_seen = time.monotonic()
         return client_id
 
@@ -327,7 +327,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         connected = self._wait_for_clients(strategy_spec.min_clients,
                                            self.spec.clients.replicas, grace)
         state = self._open_round(number, connected, attempt)
-        deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
+        deadline = time.monotonic() + strategy_spec.round_timeout_seconds
         with self._cond:
             self.current = state
             self.phase, self.message = "Running", f"round {number}: {len(state.sampled)} sampled"
