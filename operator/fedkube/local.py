@@ -65,10 +65,11 @@ def override(job: FederatedJob, rounds: int | None, clients: int | None,
 
 
 def prepare_run_folder(job: FederatedJob, folder: Path) -> Path:
-    """Token, RuntimeConfig and log folder; a fresh start (old checkpoints removed)."""
+    """Token, RuntimeConfig and log folder; a fresh start (old checkpoints and logs removed)."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    (folder / "logs").mkdir(exist_ok=True)
+    shutil.rmtree(folder / "logs", ignore_errors=True)
+    (folder / "logs").mkdir()
     token = folder / "token"
     token.write_text(secrets.token_urlsafe(32))
     token.chmod(0o600)
@@ -83,37 +84,45 @@ def prepare_run_folder(job: FederatedJob, folder: Path) -> Path:
     return path
 
 
+#: Environment of every child on top of ours: one compute thread each, so that N processes
+#: share the cores instead of oversubscribing them, and logs that are not block-buffered.
+CHILD_ENV = {THREADS_ENV: "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+             "PYTHONUNBUFFERED": "1"}
+
+
 class ProcessGroup:
-    """Children each in their own session; :meth:`stop` ends every one of them."""
+    """``fedkube`` children, each in its own session; :meth:`stop` ends every one of them.
+
+    Each child logs to ``log_dir/NAME.log``; a name started again (a restarted process)
+    appends to its log, so nothing the first one wrote is lost.
+    """
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = os.environ | {THREADS_ENV: "1", "OMP_NUM_THREADS": "1",
-                                 "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("wb") as log:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedkube.cli", *args], stdout=log,
-                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        self.processes[name] = process
+                stderr=subprocess.STDOUT, env=os.environ | CHILD_ENV, start_new_session=True)
+        self.processes.append(process)
         return process
 
     def wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for process in self.processes.values():
+        for process in self.processes:
             with suppress(subprocess.TimeoutExpired):
                 process.wait(max(deadline - time.monotonic(), 0.01))
 
-    def stop(self) -> None:
-        """SIGTERM each group, then SIGKILL what is left after a grace period."""
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM each group, then SIGKILL what is left after ``grace`` seconds."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p in self.processes.values() if p.poll() is None]
+            alive = [p for p in self.processes if p.poll() is None]
             for process in alive:
                 with suppress(ProcessLookupError):
                     os.killpg(process.pid, sig)
-            deadline = time.monotonic() + STOP_GRACE
+            deadline = time.monotonic() + grace
             for process in alive:
                 with suppress(subprocess.TimeoutExpired):
                     process.wait(max(deadline - time.monotonic(), 0.01))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,10 +14,10 @@ from typing import Any
 
 from fedkube.api import FederatedJobSpec
 from fedkube.api.runtime import RuntimeConfig
-from fedkube.federation.runtime import THREADS_ENV
-from fedkube.local import free_port
+from fedkube.local import CHILD_ENV, ProcessGroup, free_port
 
-ENV = os.environ | {THREADS_ENV: "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+#: The environment fedkube gives its children, for processes a test starts itself.
+ENV = os.environ | CHILD_ENV
 
 
 def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_clients: int = 2,
@@ -50,21 +48,8 @@ def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_client
     return path
 
 
-class Processes:
-    """Processes started by a test, each in its own group; all killed at the end."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None,
-              ) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "fedkube.cli", *args],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env or ENV,
-                                       start_new_session=True)
-        self.started.append(process)
-        return process
+class Processes(ProcessGroup):
+    """The aggregator and clients of one test; all killed at the end."""
 
     def aggregator(self, config: Path) -> subprocess.Popen[bytes]:
         return self.start("aggregator", "aggregator", "--config", str(config))
@@ -76,12 +61,6 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text()
 
-    def kill_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
 
 @contextmanager
 def processes(tmp_path: Path) -> Iterator[Processes]:
@@ -89,7 +68,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     try:
         yield group
     finally:
-        group.kill_all()
+        group.stop(grace=0)
 
 
 def metrics_port(config: Path) -> int:
