@@ -116,6 +116,23 @@ def test_median_and_trimmed_mean_are_coordinatewise(case, trim):
     np.testing.assert_allclose(got, trimmed, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 6, 7])
+def test_coordinatewise_strategies_span_many_column_slices(n):
+    # ~10 slices of columns with a partial last one; rounded values make ties common.
+    rng = np.random.default_rng(n)
+    size = 10 * (1 << 18) // n + 123
+    glob = {"w": torch.zeros(size)}
+    updates = [{"w": torch.from_numpy(rng.normal(0, 1, size).round(1)).float()}
+               for _ in range(n)]
+    stacked = np.stack([u["w"].double().numpy() for u in updates])
+    np.testing.assert_allclose(aggregate("fedmedian", glob, updates, [1] * n),
+                               np.median(stacked, axis=0), atol=1e-6)
+    cut = int(0.3 * n)
+    np.testing.assert_allclose(
+        aggregate("trimmedmean", glob, updates, [1] * n, trim_fraction=0.3),
+        np.sort(stacked, axis=0)[cut : n - cut].mean(axis=0), atol=1e-6)
+
+
 def reference_krum_scores(stacked: np.ndarray, f: int) -> np.ndarray:
     n = len(stacked)
     closest = max(1, n - f - 2)

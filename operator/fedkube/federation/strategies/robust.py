@@ -17,9 +17,9 @@ from torch import Tensor
 
 from fedkube.federation.strategies.base import Fold, StackFold, Strategy
 
-#: Elements sorted at once by the coordinate-wise strategies: bounds their working memory
-#: (a sort allocates its values and int64 indices) to tens of MB, whatever the model size.
-_SORT_ELEMENTS = 1 << 22
+#: Elements sorted at once by the coordinate-wise strategies: bounds their working copy (and
+#: on a GPU the sort's values and int64 indices) to a few MB, whatever the model size.
+_SORT_ELEMENTS = 1 << 18
 
 
 class _Stacked(Strategy):
@@ -33,15 +33,29 @@ class _Stacked(Strategy):
         """One delta from the ``[n, parameters]`` accepted deltas."""
 
 
+def _sorted_rows(values: Tensor) -> Tensor:
+    """``values`` (contiguous, 2-D) with each row sorted; in place on the CPU."""
+    if values.device.type == "cpu":
+        # numpy's vectorized sort orders rows of a few dozen float32 values ~10x faster
+        # than torch's on one CPU thread; on a GPU torch's sort is the fast one.
+        values.numpy().sort(axis=1)
+        return values
+    return values.sort(dim=1).values
+
+
 def _by_sorted_columns(rows: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """Apply ``reduce`` to the rows sorted per column, a slice of columns at a time."""
+    """One value per column of ``rows``: ``reduce`` of the column's sorted values.
+
+    ``reduce`` gets a ``[columns, n]`` tensor, one column's values per row in ascending
+    order, and reduces along dimension 1: sorting contiguous rows beats sorting down
+    columns. Columns are taken a slice at a time to bound the working copy.
+    """
     n, size = rows.shape
     out = torch.empty(size, dtype=rows.dtype, device=rows.device)
     width = max(1, _SORT_ELEMENTS // n)
     for start in range(0, size, width):
-        # Sorting contiguous rows of the transpose is ~20% faster than sorting down columns.
         columns = rows[:, start : start + width].T.contiguous()
-        out[start : start + width] = reduce(columns.sort(dim=1).values.T)
+        out[start : start + width] = reduce(_sorted_rows(columns))
     return out
 
 
@@ -52,7 +66,8 @@ class FedMedian(_Stacked):
 
     def combine(self, rows: Tensor) -> Tensor:
         n = rows.shape[0]
-        return _by_sorted_columns(rows, lambda s: (s[(n - 1) // 2] + s[n // 2]) / 2)
+        low, high = (n - 1) // 2, n // 2
+        return _by_sorted_columns(rows, lambda s: (s[:, low] + s[:, high]) / 2)
 
 
 class TrimmedMean(_Stacked):
@@ -67,7 +82,7 @@ class TrimmedMean(_Stacked):
     def combine(self, rows: Tensor) -> Tensor:
         n = rows.shape[0]
         cut = int(self.trim_fraction * n)
-        return _by_sorted_columns(rows, lambda s: s[cut : n - cut].mean(dim=0))
+        return _by_sorted_columns(rows, lambda s: s[:, cut : n - cut].mean(dim=1))
 
 
 def krum_scores(rows: Tensor, byzantine: int) -> Tensor:
