@@ -6,10 +6,12 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from runtime_support import http_get, make_config, metric_value, processes, status, wait_for
 
-from fedkube.federation import checkpoint
+from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION
+from fedkube.federation import checkpoint, runtime
 
 
 def test_a_job_completes_with_model_history_and_exit_codes(tmp_path: Path) -> None:
@@ -128,3 +130,29 @@ def test_metrics_and_status_are_served(tmp_path: Path) -> None:
     assert metric_value(text, "fedkube_clients_connected", job="test") == 2
     assert report["phase"] == "Running" and report["rounds"] == 200
     assert report["metrics"]["accuracy"] > 0
+
+
+def test_an_invalid_configuration_exits_with_one_line_that_names_the_field(
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=2)
+    config.write_text(config.read_text().replace("fedkube.tasks.digits:task", "nosuch.mod:task"))
+    with processes(tmp_path) as group:
+        assert group.aggregator(config).wait(60) == EXIT_INVALID_CONFIGURATION
+        assert group.client(config, 5).wait(60) == EXIT_INVALID_CONFIGURATION
+    last_line = group.log("aggregator").strip().splitlines()[-1]
+    assert "invalid configuration: spec.task.entrypoint 'nosuch.mod:task'" in last_line
+    assert "Traceback" not in group.log("aggregator")
+    assert "--index 5 is outside 0..1" in group.log("client-5")
+
+
+def test_an_invalid_configuration_is_the_pods_termination_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(tmp_path, rounds=1, clients=2)
+    (tmp_path / "token").write_text("")
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()  # the kubelet creates it in a pod
+    monkeypatch.setattr(runtime, "TERMINATION_LOG", termination_log)
+    assert runtime.run_aggregator(config) == EXIT_INVALID_CONFIGURATION
+    assert termination_log.read_text() == (
+        f"invalid configuration: token_file {tmp_path / 'token'} is empty: "
+        "write the job's credential\n")

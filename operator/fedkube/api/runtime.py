@@ -3,15 +3,19 @@
 The operator writes a :class:`RuntimeConfig` into the job's ConfigMap; the aggregator and
 every client read it with ``--config``. The aggregator serves an :class:`AggregatorReport`
 as JSON on ``GET /status`` of its metrics port; the operator polls it into the job's status.
+A pod whose configuration cannot work exits with :data:`EXIT_INVALID_CONFIGURATION` and
+says why in its last log line, which the operator reads as the container's termination
+message.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from fedkube.api.spec import FederatedJobSpec
 from fedkube.api.status import JobMetrics
@@ -21,6 +25,15 @@ CONFIG_MOUNT_PATH = "/etc/fedkube/config.yaml"
 TOKEN_MOUNT_PATH = "/var/run/secrets/fedkube/token"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 OUTPUT_DIR = "/var/lib/fedkube/output"
+
+EXIT_INVALID_CONFIGURATION = 2
+"""Exit code of an aggregator or client whose configuration cannot work (a task that does not
+import, a refused credential): a new pod would fail the same way, so the operator fails the
+job at once instead of spending ``runPolicy.backoffLimit`` on it."""
+
+
+class ConfigurationError(ValueError):
+    """The job's configuration cannot work; the message names the field and the fix."""
 
 
 class RuntimeConfig(ApiModel):
@@ -55,7 +68,19 @@ class RuntimeConfig(ApiModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuntimeConfig:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        try:
+            return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        except ValidationError as error:
+            # The operator wrote this file: a mismatch means its version differs from ours.
+            raise ConfigurationError(
+                f"{path} is not a RuntimeConfig this fedkube {version('fedkube')} reads "
+                f"({error.error_count()} problems, first: {_first_problem(error)}); run the "
+                "operator and the runtime image of the same fedkube version") from None
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
 
 
 AggregatorPhase = Literal["Waiting", "Running", "Succeeded", "Failed"]

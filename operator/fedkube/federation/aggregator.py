@@ -30,7 +30,12 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedkube.api import JobMetrics
-from fedkube.api.runtime import AggregatorPhase, AggregatorReport, RuntimeConfig
+from fedkube.api.runtime import (
+    AggregatorPhase,
+    AggregatorReport,
+    ConfigurationError,
+    RuntimeConfig,
+)
 from fedkube.federation import checkpoint, protocol, transport
 from fedkube.federation.metrics import AggregatorMetrics
 from fedkube.federation.proto import fedkube_pb2 as pb
@@ -70,9 +75,15 @@ def select_device() -> torch.device:
 def read_token(config: RuntimeConfig) -> str | None:
     if config.token_file is None:
         return None
-    token = Path(config.token_file).read_text().strip()
+    try:
+        token = Path(config.token_file).read_text().strip()
+    except OSError as error:
+        raise ConfigurationError(
+            f"token_file {config.token_file}: {error.strerror}; mount the job's Secret there "
+            "(the operator does) or drop token_file to run without a credential") from None
     if not token:
-        raise ValueError(f"token_file {config.token_file} is empty: write the job's credential")
+        raise ConfigurationError(
+            f"token_file {config.token_file} is empty: write the job's credential")
     return token
 
 

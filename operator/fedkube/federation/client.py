@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from fedkube.api import FederatedJobSpec
-from fedkube.api.runtime import RuntimeConfig
+from fedkube.api.runtime import ConfigurationError, RuntimeConfig
 from fedkube.federation import protocol, transport
 from fedkube.federation.aggregator import read_token, select_device
 from fedkube.federation.proto import fedkube_pb2 as pb
@@ -31,8 +31,8 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
-class CredentialRefused(RuntimeError):
-    """The aggregator refused the job credential."""
+class CredentialRefused(ConfigurationError):
+    """The aggregator refused the job credential: a new pod would present the same one."""
 
 
 class Client:
@@ -62,7 +62,7 @@ class Client:
                 break
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise CredentialRefused(error.details()) from error
+                    raise self._refused(error) from error
                 if error.code() not in _RETRYABLE:
                     raise
                 log.info("aggregator at %s not reachable (%s); retrying in %.1fs",
@@ -80,6 +80,11 @@ class Client:
         self._model = task.model(self.spec.task.config).to(self.device)
         self._data = task.client_data(self.index, self.spec.clients.replicas,
                                       self.spec.clients.data.partitioning, self.spec.task.config)
+
+    def _refused(self, error: grpc.RpcError) -> CredentialRefused:
+        return CredentialRefused(
+            f"the aggregator refused this client's credential ({error.details()}): check "
+            f"token_file {self.config.token_file} against the job's Secret")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return protocol.auth_metadata(self.token, self.client_id)
@@ -139,7 +144,7 @@ class Client:
                 except grpc.RpcError as error:
                     code = error.code()
                     if code == grpc.StatusCode.UNAUTHENTICATED:
-                        raise CredentialRefused(error.details()) from error
+                        raise self._refused(error) from error
                     if code == grpc.StatusCode.NOT_FOUND:
                         log.info("the aggregator forgot this client (restarted?); joining again")
                         self._join()
@@ -149,16 +154,12 @@ class Client:
                     log.info("lost the aggregator (%s); retrying in %.1fs", code.name, delay)
                     time.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
-        except CredentialRefused as error:
-            log.error("the aggregator refused this client's credential (%s): check token_file "
-                      "%s against the job's Secret", error, self.config.token_file)
-            return 2
         finally:
             self.channel.close()
 
 
 def serve(config: RuntimeConfig, index: int) -> int:
     if not 0 <= index < config.spec.clients.replicas:
-        raise ValueError(f"--index {index} is outside 0..{config.spec.clients.replicas - 1} "
-                         "(spec.clients.replicas)")
+        raise ConfigurationError(f"--index {index} is outside 0..{config.spec.clients.replicas - 1}"
+                                 " (spec.clients.replicas)")
     return Client(config, index).run()

@@ -1,13 +1,20 @@
-"""Process setup shared by ``fedkube aggregator`` and ``fedkube client``: logging, threads."""
+"""Process setup shared by ``fedkube aggregator`` and ``fedkube client``: logging, threads,
+and the exit code of a configuration that cannot work."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, ConfigurationError, RuntimeConfig
 
 #: Set by ``fedkube run`` so that several processes share few cores without oversubscribing.
 THREADS_ENV = "FEDKUBE_TORCH_THREADS"
+#: Where Kubernetes reads a container's termination message (``terminationMessagePath``'s
+#: default). The kubelet mounts it, so it exists only in a pod.
+TERMINATION_LOG = Path("/dev/termination-log")
 
 
 def _setup(role: str) -> None:
@@ -21,19 +28,26 @@ def _setup(role: str) -> None:
         torch.set_num_interop_threads(1)
 
 
-def run_aggregator(config_path: Path) -> int:
-    from fedkube.api.runtime import RuntimeConfig
+def _run(role: str, main: Callable[[RuntimeConfig], int], config_path: Path) -> int:
+    """``main`` on the config at ``config_path``. A configuration error becomes one log line,
+    the pod's termination message and :data:`EXIT_INVALID_CONFIGURATION`, not a traceback."""
+    _setup(role)
+    try:
+        return main(RuntimeConfig.from_file(config_path))
+    except ConfigurationError as error:
+        logging.getLogger(f"fedkube.{role}").error("invalid configuration: %s", error)
+        if TERMINATION_LOG.exists():
+            TERMINATION_LOG.write_text(f"invalid configuration: {error}\n")
+        return EXIT_INVALID_CONFIGURATION
 
-    _setup("aggregator")
+
+def run_aggregator(config_path: Path) -> int:
     from fedkube.federation.aggregator import serve
 
-    return serve(RuntimeConfig.from_file(config_path))
+    return _run("aggregator", serve, config_path)
 
 
 def run_client(config_path: Path, index: int) -> int:
-    from fedkube.api.runtime import RuntimeConfig
-
-    _setup(f"client-{index}")
     from fedkube.federation.client import serve
 
-    return serve(RuntimeConfig.from_file(config_path), index)
+    return _run(f"client-{index}", lambda config: serve(config, index), config_path)

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from fedkube.api import PartitioningSpec
+from fedkube.api.runtime import ConfigurationError
 
 
 @dataclass(frozen=True)
@@ -81,21 +82,21 @@ def load_task(entrypoint: str) -> Task:
     """Import the task named ``module:attribute`` (``spec.task.entrypoint``)."""
     module_name, sep, attribute = entrypoint.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(
+        raise ConfigurationError(
             f"spec.task.entrypoint {entrypoint!r} is not 'module:attribute': "
             "write e.g. 'fedkube.tasks.digits:task'"
         )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        raise ValueError(
+        raise ConfigurationError(
             f"spec.task.entrypoint {entrypoint!r}: cannot import module {module_name!r} "
             f"({error}): install the task's package in the runtime image or fix the name"
         ) from error
     try:
         task = getattr(module, attribute)
     except AttributeError:
-        raise ValueError(
+        raise ConfigurationError(
             f"spec.task.entrypoint {entrypoint!r}: module {module_name!r} has no attribute "
             f"{attribute!r}: fix the name after the colon"
         ) from None
@@ -105,7 +106,7 @@ def load_task(entrypoint: str) -> Task:
             for name in ("model", "client_data", "train", "evaluate")
             if not callable(getattr(task, name, None))
         ]
-        raise ValueError(
+        raise ConfigurationError(
             f"spec.task.entrypoint {entrypoint!r} is a {type(task).__name__}, not a task: "
             f"it lacks {', '.join(missing)}; point it at an object with model, client_data, "
             "train and evaluate (see fedkube.tasks.base.Task)"
