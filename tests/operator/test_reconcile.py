@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fedkube.api import FederatedJob
-from fedkube.api.runtime import AggregatorReport
+from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport
 from fedkube.api.status import ConditionType, Phase
 from fedkube.controller import builders
 from fedkube.controller.reconcile import (
@@ -175,6 +175,38 @@ def test_failed_aggregator_is_recreated_too() -> None:
     pods[0] = pod(builders.aggregator_pod(job), "Failed")
     _, d = step(job, Observed(pods=pods, support=all_support(job)))
     assert deletes(d) == ["j-aggregator"] and d.restarted_roles == ["aggregator"]
+
+
+def terminated(manifest: dict[str, Any], exit_code: int, reason: str,
+               message: str = "") -> dict[str, Any]:
+    """A pod whose only container exited with ``exit_code``, as the kubelet reports it."""
+    state = {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}}
+    return pod(manifest, "Failed", containerStatuses=[{"name": "c", "state": state}])
+
+
+def test_a_failure_names_the_exit_code_and_the_last_log_line() -> None:
+    job, _ = step(make_job(), Observed())
+    pods = running_pods(job)
+    pods[1] = terminated(builders.client_pod(job, 0), 137, "OOMKilled",
+                         "round 3: training\nkilled while folding\n")
+    _, d = step(job, Observed(pods=pods, support=all_support(job)))
+    assert deletes(d) == ["j-client-0"] and d.status.restarts == 1
+    message = next(e.message for e in d.events if e.reason == "PodFailed")
+    assert "(OOMKilled, exit code 137: killed while folding)" in message
+
+
+def test_an_invalid_configuration_fails_the_job_without_restarts() -> None:
+    job, _ = step(make_job(runPolicy={"backoffLimit": 5}), Observed())
+    pods = running_pods(job)
+    pods[0] = terminated(builders.aggregator_pod(job), EXIT_INVALID_CONFIGURATION, "Error",
+                         "invalid configuration: spec.task.entrypoint 'x:y': cannot import x")
+    _, d = step(job, Observed(pods=pods, support=all_support(job)))
+    assert d.status.phase is Phase.FAILED and d.completed is Phase.FAILED
+    assert d.status.restarts == 0 and d.restarted_roles == []
+    failed = d.status.condition(ConditionType.FAILED)
+    assert failed.reason == "InvalidConfiguration"
+    assert "aggregator pod j-aggregator" in failed.message
+    assert "spec.task.entrypoint 'x:y': cannot import x" in failed.message
 
 
 def test_scale_down_deletes_extra_clients_only() -> None:

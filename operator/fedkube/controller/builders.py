@@ -173,6 +173,9 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         "env": [_dump(e) for e in role_spec.env],
         "resources": _dump(role_spec.resources),
         "volumeMounts": mounts,
+        # A failed container's last log lines (the runtime's error) become its termination
+        # message, which the operator copies into the job's events and conditions.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from fedkube.api import FederatedJob
 from fedkube.api.constants import GROUP, LABEL_ROLE, ROLE_CLIENT
-from fedkube.api.runtime import AggregatorReport
+from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport
 from fedkube.api.status import Condition, ConditionType, FederatedJobStatus, Phase
 from fedkube.controller import builders
 from fedkube.controller.builders import Manifest
@@ -92,6 +92,33 @@ def spec_hash(job: FederatedJob) -> str:
 
 def pod_phase(pod: Manifest) -> str:
     return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+#: Longest part of a container's termination message carried into events and conditions.
+MESSAGE_LIMIT = 400
+
+
+def failure_of(pod: Manifest) -> tuple[str, int | None, str]:
+    """``(reason, exit code, message)`` of a failed pod: from its first container that
+    exited with an error (the runtime's last log line is its termination message), else from
+    the pod itself (e.g. ``Evicted``, with no exit code)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        if terminated.get("exitCode"):
+            return (terminated.get("reason") or "Error", int(terminated["exitCode"]),
+                    _last_line(terminated.get("message")))
+    status = pod.get("status") or {}
+    return status.get("reason") or "Error", None, _last_line(status.get("message"))
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:MESSAGE_LIMIT] if lines else ""
+
+
+def _describe_failure(reason: str, exit_code: int | None, message: str) -> str:
+    described = reason if exit_code is None else f"{reason}, exit code {exit_code}"
+    return f"{described}: {message}" if message else described
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -295,7 +322,13 @@ class _Reconciler:
             if pod_phase(pod) != "Failed":
                 continue
             role = pod["metadata"].get("labels", {}).get(LABEL_ROLE, ROLE_CLIENT)
-            why = (pod.get("status") or {}).get("reason") or "Error"
+            reason, exit_code, detail = failure_of(pod)
+            why = _describe_failure(reason, exit_code, detail)
+            if exit_code == EXIT_INVALID_CONFIGURATION:
+                self.finish(Phase.FAILED, "InvalidConfiguration",
+                            f"{role} pod {name} cannot run this job ({why}); fix the spec and "
+                            "create the job again")
+                return True
             if self.status.restarts >= limit:
                 self.finish(Phase.FAILED, "BackoffLimitExceeded",
                             f"{role} pod {name} failed ({why}) after {self.status.restarts} "
