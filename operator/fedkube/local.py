@@ -224,13 +224,16 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
                 group.start(f"client-{index}", "client", "--config", str(config),
                             "--index", str(index))
             code = _follow(job, aggregator, folder / "history.json")
-            group.wait_all(CLIENT_EXIT_GRACE)
+            if code == 0:  # told the job is over, the clients exit on their own
+                group.wait_all(CLIENT_EXIT_GRACE)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the aggregator and the clients[/yellow]")
             return 130
     if code != 0:
-        console.print(f"[red]✗[/red] the aggregator exited with {code}; logs in "
-                      f"{folder / 'logs'}")
+        lines = (folder / "logs" / "aggregator.log").read_text(errors="replace").splitlines()
+        last = next((line for line in reversed(lines) if line.strip()), "(no output)")
+        console.print(f"[red]✗[/red] the aggregator exited with {code}: {escape(last)}\n"
+                      f"  logs in {folder / 'logs'}", soft_wrap=True)
         return code
     history = json.loads((folder / "history.json").read_text())
     plot_history(history, folder / "history.png")

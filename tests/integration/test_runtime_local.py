@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -23,9 +24,9 @@ spec:
 """
 
 
-def _fedkube_run(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def _fedkube_run(tmp_path: Path, *args: str, job_text: str = JOB) -> subprocess.Popen[str]:
     job = tmp_path / "job.yaml"
-    job.write_text(JOB)
+    job.write_text(job_text)
     return subprocess.Popen([sys.executable, "-m", "fedkube.cli", "run", str(job), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=ENV, cwd=tmp_path, start_new_session=True)
@@ -51,6 +52,26 @@ def test_invalid_job_prints_the_problems_and_exits_1(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=ENV, timeout=60, check=False)
     assert run.returncode == 1
     assert "spec.clients.replica" in run.stderr and "did you mean 'replicas'" in run.stderr
+
+
+def _processes_in(folder: Path) -> list[psutil.Process]:
+    """Processes working in ``folder`` (``fedkube run``'s children inherit its cwd)."""
+    found = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error):
+            if process.cwd() == str(folder):
+                found.append(process)
+    return found
+
+
+def test_a_task_that_does_not_import_ends_the_run_with_the_reason(tmp_path: Path) -> None:
+    run = _fedkube_run(tmp_path, job_text=JOB.replace("fedkube.tasks.digits", "nosuch.tasks"))
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 2, output
+    assert "the aggregator exited with 2" in output
+    assert "invalid configuration: spec.task.entrypoint 'nosuch.tasks:task'" in output
+    _, alive = psutil.wait_procs(_processes_in(tmp_path), timeout=10)
+    assert not alive, f"orphans left behind: {alive}"
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
