@@ -8,7 +8,7 @@ import torch
 
 from fedkube.api import PartitioningSpec
 from fedkube.federation.strategies import build_strategy
-from fedkube.tasks.base import Task, load_task
+from fedkube.tasks.base import ConfigurationError, Task, load_task
 from fedkube.tasks.digits import DigitsTask, task
 from fedkube.tasks.partition import partition
 
@@ -88,27 +88,27 @@ def test_every_client_gets_a_sample_even_with_extreme_skew():
     labels = np.repeat(np.arange(10), 5)
     parts = partition(labels, 50, PartitioningSpec(scheme="dirichlet", alpha=0.01))
     assert all(len(p) == 1 for p in parts)
-    with pytest.raises(ValueError, match=r"clients\.replicas"):
+    with pytest.raises(ConfigurationError, match=r"clients\.replicas"):
         partition(labels, 51, PartitioningSpec())
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"spec.task.config.*localEpoch"):
+    with pytest.raises(ConfigurationError, match=r"spec.task.config.*localEpoch"):
         task.model({"localEpoch": 2})
-    with pytest.raises(ValueError, match=r"spec.task.config.batchSize"):
+    with pytest.raises(ConfigurationError, match=r"spec.task.config.batchSize"):
         task.model({"batchSize": 0})
-    with pytest.raises(ValueError, match=r"spec.task.config.hidden"):
+    with pytest.raises(ConfigurationError, match=r"spec.task.config.hidden"):
         task.model({"hidden": 1.5})
 
 
 def test_load_task_finds_the_builtin_and_explains_mistakes():
     loaded = load_task("fedkube.tasks.digits:task")
     assert isinstance(loaded, DigitsTask) and isinstance(loaded, Task)
-    with pytest.raises(ValueError, match=r"spec.task.entrypoint.*module:attribute"):
+    with pytest.raises(ConfigurationError, match=r"spec.task.entrypoint.*module:attribute"):
         load_task("fedkube.tasks.digits")
-    with pytest.raises(ValueError, match=r"cannot import module 'fedkube.tasks.nope'"):
+    with pytest.raises(ConfigurationError, match=r"cannot import module 'fedkube.tasks.nope'"):
         load_task("fedkube.tasks.nope:task")
-    with pytest.raises(ValueError, match=r"no attribute 'tsk'"):
+    with pytest.raises(ConfigurationError, match=r"no attribute 'tsk'"):
         load_task("fedkube.tasks.digits:tsk")
-    with pytest.raises(ValueError, match=r"not a task.*lacks model, client_data, train"):
+    with pytest.raises(ConfigurationError, match=r"not a task.*lacks model, client_data, train"):
         load_task("fedkube.tasks.digits:TEST_FRACTION")

@@ -1,7 +1,9 @@
 """The task interface: what a FederatedJob trains, as a ``module:attribute`` entrypoint.
 
 A task owns the model, the data and the training loop; the runtime only moves weights.
-``spec.task.config`` reaches every method unchanged, so a task reads its own settings there.
+``spec.task.config`` reaches every method unchanged, so a task reads its own settings there,
+and raises :class:`ConfigurationError` for settings that cannot work: the pod then exits
+with one line naming the setting, and the operator fails the job instead of retrying it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from fedkube.api import PartitioningSpec
-from fedkube.api.runtime import ConfigurationError
+from fedkube.api.runtime import ConfigurationError as ConfigurationError  # for task authors
 
 
 @dataclass(frozen=True)

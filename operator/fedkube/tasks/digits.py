@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedkube.api import PartitioningSpec
-from fedkube.tasks.base import EvalResult, TrainResult
+from fedkube.tasks.base import ConfigurationError, EvalResult, TrainResult
 from fedkube.tasks.partition import partition
 
 TEST_FRACTION = 0.2
@@ -50,7 +50,7 @@ class DigitsConfig:
     def of(cls, config: Mapping[str, Any]) -> DigitsConfig:
         unknown = sorted(set(config) - set(cls._KEYS))
         if unknown:
-            raise ValueError(
+            raise ConfigurationError(
                 f"spec.task.config has unknown keys {', '.join(unknown)} for the digits task: "
                 f"it takes {', '.join(cls._KEYS)}"
             )
@@ -62,9 +62,11 @@ class DigitsConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or (
                 kind is int and not float(value).is_integer()
             ):
-                raise ValueError(f"spec.task.config.{key} must be a {kind.__name__}: {value!r}")
+                raise ConfigurationError(
+                    f"spec.task.config.{key} must be a {kind.__name__}: {value!r}")
             if value < minimum:
-                raise ValueError(f"spec.task.config.{key} must be at least {minimum}: {value}")
+                raise ConfigurationError(
+                    f"spec.task.config.{key} must be at least {minimum}: {value}")
             values[field] = kind(value)
         return cls(**values)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedkube.api import PartitioningSpec
+from fedkube.api.runtime import ConfigurationError
 
 
 def partition(labels: np.ndarray, num_clients: int, spec: PartitioningSpec) -> list[np.ndarray]:
@@ -16,7 +17,7 @@ def partition(labels: np.ndarray, num_clients: int, spec: PartitioningSpec) -> l
     largest client.
     """
     if not 1 <= num_clients <= len(labels):
-        raise ValueError(
+        raise ConfigurationError(
             f"cannot split {len(labels)} training samples among {num_clients} clients: "
             f"use between 1 and {len(labels)} clients.replicas"
         )
