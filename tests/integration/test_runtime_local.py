@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import psutil
 from runtime_support import ENV, status, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 JOB = """
 apiVersion: fedkube.io/v1alpha1
@@ -43,6 +46,23 @@ def test_fedkube_run_writes_model_history_and_plot(tmp_path: Path) -> None:
     assert (folder / "model.pt").stat().st_size > 0
     assert (folder / "history.png").read_bytes().startswith(b"\x89PNG")
     assert "accuracy" in output
+
+
+def test_the_readme_task_trains_with_fedkube_run(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n# mytasks/regression.py\n(.*?)```", readme, re.S)
+    assert code, "the README's task example is gone"
+    (tmp_path / "mytasks").mkdir()
+    (tmp_path / "mytasks" / "regression.py").write_text(code.group(1))
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("fedkube.tasks.digits:task", "mytasks.regression:task")
+                   .replace("{hidden: 16, lr: 0.1}", "{lr: 0.05}"))
+    run = subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(job)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=180, check=False,
+                         env=ENV | {"PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    history = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"] / 2
 
 
 def test_invalid_job_prints_the_problems_and_exits_1(tmp_path: Path) -> None:
