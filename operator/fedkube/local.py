@@ -100,6 +100,7 @@ class ProcessGroup:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
+        self._names: dict[int, str] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("ab") as log:
@@ -107,7 +108,19 @@ class ProcessGroup:
                 [sys.executable, "-m", "fedkube.cli", *args], stdout=log,
                 stderr=subprocess.STDOUT, env=os.environ | CHILD_ENV, start_new_session=True)
         self.processes.append(process)
+        self._names[process.pid] = name
         return process
+
+    def first_failure(self) -> tuple[str, int] | None:
+        """Name and exit code of the first process (in start order) that exited non-zero."""
+        for process in self.processes:
+            if process.poll():
+                return self._names[process.pid], process.returncode
+        return None
+
+    def last_log_line(self, name: str) -> str:
+        lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return next((line for line in reversed(lines) if line.strip()), "(no output)")
 
     def wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -171,14 +184,19 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def _follow(job: FederatedJob, aggregator: subprocess.Popen[bytes], history_file: Path) -> int:
-    """Show progress until the aggregator exits; its exit code."""
+def _follow(job: FederatedJob, group: ProcessGroup, aggregator: subprocess.Popen[bytes],
+            history_file: Path) -> None:
+    """Show progress until the aggregator exits or any process fails.
+
+    No one recreates a failed client here (the operator would), and the aggregator would
+    wait for it, so a failed client ends the run.
+    """
     port = job.spec.aggregator.metrics_port
     started = time.monotonic()
     report, history = None, []
     with Live(progress_table(job.metadata.name, None, [], started), console=console,
               refresh_per_second=4) as live:
-        while aggregator.poll() is None:
+        while aggregator.poll() is None and group.first_failure() is None:
             try:
                 report = AggregatorReport.model_validate(fetch(port, "/status"))
                 history = fetch(port, "/history")
@@ -197,7 +215,6 @@ def _follow(job: FederatedJob, aggregator: subprocess.Popen[bytes], history_file
             live.update(progress_table(job.metadata.name, report, history, started))
     if not console.is_terminal:
         console.line()  # off a terminal, Live leaves its last frame without a newline
-    return int(aggregator.returncode)
 
 
 def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None = None,
@@ -223,17 +240,18 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
             for index in range(job.spec.clients.replicas):
                 group.start(f"client-{index}", "client", "--config", str(config),
                             "--index", str(index))
-            code = _follow(job, aggregator, folder / "history.json")
-            if code == 0:  # told the job is over, the clients exit on their own
+            _follow(job, group, aggregator, folder / "history.json")
+            failure = group.first_failure()
+            if failure is None:  # told the job is over, the clients exit on their own
                 group.wait_all(CLIENT_EXIT_GRACE)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the aggregator and the clients[/yellow]")
             return 130
-    if code != 0:
-        lines = (folder / "logs" / "aggregator.log").read_text(errors="replace").splitlines()
-        last = next((line for line in reversed(lines) if line.strip()), "(no output)")
-        console.print(f"[red]✗[/red] the aggregator exited with {code}: {escape(last)}\n"
-                      f"  logs in {folder / 'logs'}", soft_wrap=True)
+    if failure is not None:
+        name, code = failure
+        console.print(f"[red]✗[/red] the {name} process exited with {code}: "
+                      f"{escape(group.last_log_line(name))}\n  logs in {folder / 'logs'}",
+                      soft_wrap=True)
         return code
     history = json.loads((folder / "history.json").read_text())
     plot_history(history, folder / "history.png")

@@ -48,7 +48,8 @@ def test_fedkube_run_writes_model_history_and_plot(tmp_path: Path) -> None:
     assert "accuracy" in output
 
 
-def test_the_readme_task_trains_with_fedkube_run(tmp_path: Path) -> None:
+def _run_readme_task(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str]:
+    """``fedkube run`` of the README's example task with ``spec.task.config: config``."""
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n# mytasks/regression.py\n(.*?)```", readme, re.S)
     assert code, "the README's task example is gone"
@@ -56,13 +57,27 @@ def test_the_readme_task_trains_with_fedkube_run(tmp_path: Path) -> None:
     (tmp_path / "mytasks" / "regression.py").write_text(code.group(1))
     job = tmp_path / "job.yaml"
     job.write_text(JOB.replace("fedkube.tasks.digits:task", "mytasks.regression:task")
-                   .replace("{hidden: 16, lr: 0.1}", "{lr: 0.05}"))
-    run = subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(job)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=180, check=False,
-                         env=ENV | {"PYTHONPATH": str(tmp_path)})
+                   .replace("{hidden: 16, lr: 0.1}", config))
+    return subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(job)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=180,
+                          check=False, env=ENV | {"PYTHONPATH": str(tmp_path)})
+
+
+def test_the_readme_task_trains_with_fedkube_run(tmp_path: Path) -> None:
+    run = _run_readme_task(tmp_path, "{lr: 0.05}")
     assert run.returncode == 0, run.stderr
     history = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"] / 2
+
+
+def test_a_failed_client_ends_the_run_with_its_reason(tmp_path: Path) -> None:
+    # The clients reject the setting after joining; the aggregator would wait for them.
+    run = _run_readme_task(tmp_path, "{samplesPerClient: 0}")
+    assert run.returncode == 2, run.stderr
+    assert re.search(r"the client-\d process exited with 2: .*invalid configuration: "
+                     r"spec.task.config.samplesPerClient must be a positive integer", run.stderr)
+    _, alive = psutil.wait_procs(_processes_in(tmp_path), timeout=10)
+    assert not alive, f"orphans left behind: {alive}"
 
 
 def test_invalid_job_prints_the_problems_and_exits_1(tmp_path: Path) -> None:
@@ -88,7 +103,7 @@ def test_a_task_that_does_not_import_ends_the_run_with_the_reason(tmp_path: Path
     run = _fedkube_run(tmp_path, job_text=JOB.replace("fedkube.tasks.digits", "nosuch.tasks"))
     output, _ = run.communicate(timeout=60)
     assert run.returncode == 2, output
-    assert "the aggregator exited with 2" in output
+    assert "the aggregator process exited with 2" in output
     assert "invalid configuration: spec.task.entrypoint 'nosuch.tasks:task'" in output
     _, alive = psutil.wait_procs(_processes_in(tmp_path), timeout=10)
     assert not alive, f"orphans left behind: {alive}"
