@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from runtime_support import http_get, make_config, metric_value, processes, stat
 
 from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION
 from fedkube.federation import checkpoint, runtime
+from fedkube.federation.strategies import build_strategy
+from fedkube.tasks.base import load_task
 
 
 def test_a_job_completes_with_model_history_and_exit_codes(tmp_path: Path) -> None:
@@ -156,3 +159,18 @@ def test_an_invalid_configuration_is_the_pods_termination_message(
     assert termination_log.read_text() == (
         f"invalid configuration: token_file {tmp_path / 'token'} is empty: "
         "write the job's credential\n")
+
+
+@pytest.mark.parametrize(("job", "hidden", "problem"), [
+    ("ns/test", 32, r"does not fit this job's model \(0.weight is torch.float32\[32, 64\]"),
+    ("ns/another", 16, "belongs to job ns/another, not ns/test"),
+])
+def test_a_checkpoint_of_another_job_or_model_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, job: str, hidden: int,
+        problem: str) -> None:
+    config = make_config(tmp_path, rounds=3, clients=2)  # the digits MLP with hidden 16
+    other = load_task("fedkube.tasks.digits:task").model({"hidden": hidden}).state_dict()
+    checkpoint.save(tmp_path / "checkpoints", checkpoint.Checkpoint(
+        1, other, build_strategy("fedavg").state_dict(), [], job))
+    assert runtime.run_aggregator(config) == EXIT_INVALID_CONFIGURATION
+    assert re.search(problem, caplog.text), caplog.text

@@ -380,12 +380,29 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         every = self.spec.aggregator.checkpoint.every_rounds
         if state.number % every == 0 or state.number == self.spec.rounds:
             checkpoint.save(self.config.checkpoint_dir, checkpoint.Checkpoint(
-                state.number, self.global_state, self.strategy.state_dict(), self.history))
+                state.number, self.global_state, self.strategy.state_dict(), self.history,
+                self._job))
+
+    @property
+    def _job(self) -> str:
+        return f"{self.config.namespace}/{self.config.job_name}"
 
     def _restore(self) -> None:
-        saved = checkpoint.load(self.config.checkpoint_dir)
+        directory = self.config.checkpoint_dir
+        saved = checkpoint.load(directory)
         if saved is None:
             return
+        fix = ("delete it, or give this job a volume of its own "
+               "(spec.aggregator.checkpoint.claimName)")
+        if saved.job not in ("", self._job):
+            raise ConfigurationError(
+                f"the checkpoint in {directory} belongs to job {saved.job}, not {self._job}: "
+                + fix)
+        problem = checkpoint.model_mismatch(saved.model, self.global_state)
+        if problem is not None:
+            raise ConfigurationError(
+                f"the checkpoint in {directory} does not fit this job's model ({problem}): "
+                + fix)
         self.global_state = {k: v.to(self.device) for k, v in saved.model.items()}
         self.strategy.load_state_dict(saved.strategy)
         self.history = list(saved.history)

@@ -27,6 +27,8 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     strategy: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    job: str = ""
+    """``namespace/name`` of the job that wrote it ("" when written before this was kept)."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -52,6 +54,7 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
         "model": {k: v.detach().cpu() for k, v in checkpoint.model.items()},
         "strategy": checkpoint.strategy,
         "history": checkpoint.history,
+        "job": checkpoint.job,
     }, path)
     return path
 
@@ -64,4 +67,17 @@ def load(directory: str | Path) -> Checkpoint | None:
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {data.get('format')!r}, expected {FORMAT}")
-    return Checkpoint(data["round"], data["model"], data["strategy"], data["history"])
+    return Checkpoint(data["round"], data["model"], data["strategy"], data["history"],
+                      data.get("job", ""))
+
+
+def model_mismatch(saved: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> str | None:
+    """How a checkpointed model differs from a job's model (names, shapes, dtypes), or None."""
+    if saved.keys() != model.keys():
+        missing, extra = sorted(model.keys() - saved.keys()), sorted(saved.keys() - model.keys())
+        return f"tensors missing: {missing[:3]}, unexpected: {extra[:3]}"
+    for name, tensor in model.items():
+        if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
+            return (f"{name} is {saved[name].dtype}{list(saved[name].shape)}, the model's is "
+                    f"{tensor.dtype}{list(tensor.shape)}")
+    return None

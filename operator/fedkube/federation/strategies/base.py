@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fedkube.api.runtime import ConfigurationError
 from fedkube.federation.strategies.layout import FlatLayout, UpdateRejected
 from fedkube.federation.strategies.privacy import GaussianNoise, clip_
 
@@ -193,7 +194,7 @@ class Strategy(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, e.g. from a checkpoint."""
         if state.get("strategy") != self.name:
-            raise ValueError(
+            raise ConfigurationError(
                 f"the checkpoint holds state of strategy {state.get('strategy')!r}, not "
                 f"{self.name!r}: spec.strategy.name changed since it was written"
             )
