@@ -101,13 +101,16 @@ def client(config_path: Path, index: int) -> None:
               help="Run folder for the model, history and plot (default: runs/<job-name>).")
 @click.option("--metrics-port", type=click.IntRange(1024, 65535),
               help="Serve the aggregator's /metrics and /status on this port (default: free).")
+@click.option("--resume", is_flag=True,
+              help="Continue after the run folder's last checkpointed round (e.g. after "
+                   "Ctrl-C) instead of starting over.")
 def run(job_file: Path, rounds: int | None, clients: int | None, output: Path | None,
-        metrics_port: int | None) -> None:
+        metrics_port: int | None, resume: bool) -> None:
     """Run a FederatedJob on this machine: the aggregator and each client as processes."""
     from fedkube.local import run_local
 
     sys.exit(run_local(job_file, rounds=rounds, clients=clients, output=output,
-                       metrics_port=metrics_port))
+                       metrics_port=metrics_port, resume=resume))
 
 
 @main.command()

@@ -64,10 +64,12 @@ def override(job: FederatedJob, rounds: int | None, clients: int | None,
     return FederatedJob.model_validate(data)
 
 
-def prepare_run_folder(job: FederatedJob, folder: Path) -> Path:
-    """Token, RuntimeConfig and log folder; a fresh start (old checkpoints and logs removed)."""
+def prepare_run_folder(job: FederatedJob, folder: Path, *, resume: bool = False) -> Path:
+    """Token, RuntimeConfig and a fresh log folder. Old checkpoints are removed unless
+    ``resume``: then the aggregator continues after the last checkpointed round."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if not resume:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     shutil.rmtree(folder / "logs", ignore_errors=True)
     (folder / "logs").mkdir()
     token = folder / "token"
@@ -218,8 +220,12 @@ def _follow(job: FederatedJob, group: ProcessGroup, aggregator: subprocess.Popen
 
 
 def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None = None,
-              output: Path | None = None, metrics_port: int | None = None) -> int:
-    """Run the first FederatedJob of ``job_file``; the exit code (130 on Ctrl-C)."""
+              output: Path | None = None, metrics_port: int | None = None,
+              resume: bool = False) -> int:
+    """Run the first FederatedJob of ``job_file``; the exit code (130 on Ctrl-C).
+
+    With ``resume``, continue from the run folder's last checkpoint (e.g. after Ctrl-C).
+    """
     try:
         jobs = load_jobs(job_file)
     except InvalidJobError as error:
@@ -228,7 +234,7 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
         return 1
     job = override(jobs[0], rounds, clients, metrics_port)
     folder = output or Path("runs") / job.metadata.name
-    config = prepare_run_folder(job, folder)
+    config = prepare_run_folder(job, folder, resume=resume)
     group = ProcessGroup(folder / "logs")
     # SIGTERM stops the run as Ctrl-C does, so that a supervisor never orphans the children.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 from runtime_support import ENV, status, wait_for
 
+from fedkube.federation import checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 JOB = """
@@ -107,6 +109,26 @@ def test_a_task_that_does_not_import_ends_the_run_with_the_reason(tmp_path: Path
     assert "invalid configuration: spec.task.entrypoint 'nosuch.tasks:task'" in output
     _, alive = psutil.wait_procs(_processes_in(tmp_path), timeout=10)
     assert not alive, f"orphans left behind: {alive}"
+
+
+def test_resume_continues_after_the_last_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = _fedkube_run(tmp_path, "--rounds", "100000", "-o", str(out))
+    wait_for(lambda: status(out / "config.yaml")["round"] >= 2, 120, "two rounds")
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 130, output
+    saved = checkpoint.load(out / "checkpoints")
+    assert saved is not None and saved.round >= 2
+    resumed = _fedkube_run(tmp_path, "--rounds", str(saved.round + 2), "-o", str(out),
+                           "--resume")
+    output, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, output
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["round"] for entry in history] == list(range(1, saved.round + 3))
+    assert history[:saved.round] == saved.history
+    log = (out / "logs" / "aggregator.log").read_text()
+    assert f"resumed from the checkpoint after round {saved.round}" in log
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
