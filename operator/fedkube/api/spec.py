@@ -120,8 +120,10 @@ class CheckpointSpec(ApiModel):
     """Checkpoint after every N completed rounds (the last round is always saved)."""
 
     claim_name: str | None = Field(default=None, min_length=1, max_length=253)
-    """PersistentVolumeClaim to keep checkpoints in. Without one they live in an emptyDir:
-    they survive container restarts but not pod deletion (suspend, node loss)."""
+    """PersistentVolumeClaim to keep checkpoints in, so that a recreated aggregator pod (after
+    a failure, on resume after suspend, after node loss) continues after the last completed
+    round. Without one they live in the pod's emptyDir and a recreated aggregator starts
+    over at round 1. Give each job its own claim: a checkpoint of another job is refused."""
 
 
 class RoleSpec(ApiModel):
