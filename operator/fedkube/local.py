@@ -232,6 +232,9 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
         for problem in error.problems:
             console.print(f"[red]✗[/red] {escape(str(problem))}", soft_wrap=True)
         return 1
+    if len(jobs) > 1:
+        console.print(f"[yellow]{job_file} holds {len(jobs)} FederatedJobs: running the first, "
+                      f"{escape(jobs[0].metadata.name)}[/yellow]")
     job = override(jobs[0], rounds, clients, metrics_port)
     folder = output or Path("runs") / job.metadata.name
     config = prepare_run_folder(job, folder, resume=resume)
