@@ -110,7 +110,11 @@ def test_running_then_report_moves_round_and_metrics() -> None:
     assert (d.status.round, d.status.rounds) == (2, 3)
     assert d.status.metrics.accuracy == 0.8 and d.status.clients.active == 3
     assert reasons(d) == []  # no transition, no event
-    assert "round 2/3" in d.status.message
+    assert d.status.message == "round 2/3, 3 clients connected"
+    waiting = AggregatorReport(phase="Waiting", round=2, rounds=3, clients_connected=1,
+                               message="waiting for clients: 1 of 2 connected")
+    _, d = step(job, Observed(pods=obs.pods, support=obs.support, report=waiting))
+    assert d.status.message == "round 2/3, waiting for clients: 1 of 2 connected"
 
 
 @pytest.mark.parametrize(("policy", "deleted"), [

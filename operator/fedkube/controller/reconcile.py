@@ -405,8 +405,14 @@ class _Reconciler:
             self.condition(ConditionType.RESTARTING, False, "AllPodsRunning",
                            "every recreated pod is running again", "Normal")
         if self.status.phase is Phase.RUNNING:
-            self.update(message=f"round {self.status.round}/{self.spec.rounds}, "
-                                f"{self.status.clients.active} clients connected")
+            progress = f"round {self.status.round}/{self.spec.rounds}"
+            report = self.observed.report
+            if report is not None and report.phase == "Waiting" and report.message:
+                # e.g. "waiting for clients: 1 of 3 connected": why no round is running
+                self.update(message=f"{progress}, {report.message}")
+            else:
+                self.update(message=f"{progress}, {self.status.clients.active} clients "
+                                    "connected")
 
     def count_clients(self) -> None:
         """Ready counts the pods that remain after this pass; failed, those seen failed."""
