@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fedkube.api.runtime import ConfigurationError
+
 FILENAME = "checkpoint.pt"
 FORMAT = 1
 
@@ -66,7 +68,9 @@ def load(directory: str | Path) -> Checkpoint | None:
         return None
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {data.get('format')!r}, expected {FORMAT}")
+        raise ConfigurationError(
+            f"{path}: checkpoint format {data.get('format')!r}, this fedkube reads {FORMAT}: "
+            "resume with the fedkube version that wrote it, or delete it to start over")
     return Checkpoint(data["round"], data["model"], data["strategy"], data["history"],
                       data.get("job", ""))
 
