@@ -83,11 +83,15 @@ async def run_pods(cluster: Cluster, job: str, phase_: str = "Running") -> None:
 async def test_job_lifecycle_create_running_rounds_success(env: Any) -> None:
     emulator, cluster, status, metrics, url = env
     async with running_operator(emulator, operator_settings(url, status.url), metrics):
-        await cluster.create_job("digits", SPEC)
+        await cluster.create_job("digits", {**SPEC, "aggregator": {
+            "metricsPort": 9090, "checkpoint": {"size": "1Gi"}}})
         pods = await wait_until(lambda: _len_at_least(cluster.pods("digits"), 4),
                                 what="aggregator + 3 client pods")
         assert set(pods) == {"digits-aggregator", "digits-client-0", "digits-client-1",
                              "digits-client-2"}
+        claims = await cluster.list("persistentvolumeclaims", "digits")
+        assert [c["metadata"]["name"] for c in claims] == ["digits-state"]
+        assert claims[0]["metadata"]["ownerReferences"][0]["kind"] == "FederatedJob"
         client = pods["digits-client-1"]
         assert client["spec"]["containers"][0]["args"][-2:] == ["--index", "1"]
         assert client["metadata"]["labels"]["fedkube.io/client-index"] == "1"

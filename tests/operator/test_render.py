@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from fedkube.api.runtime import CHECKPOINT_DIR, OUTPUT_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "crds" / "samples").glob("*.yaml"))
 K8S_VERSION = "1.33.0"
@@ -25,7 +27,7 @@ def rendered() -> list[dict]:
 def test_every_builtin_object_validates_strictly(rendered: list[dict]) -> None:
     builtin = [o for o in rendered if o["kind"] != "PodGroup"]
     assert {o["kind"] for o in builtin} >= {"ConfigMap", "Secret", "Service", "Pod",
-                                            "NetworkPolicy"}
+                                            "NetworkPolicy", "PersistentVolumeClaim"}
     for obj in builtin:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -47,3 +49,29 @@ def test_unknown_field_is_caught(rendered: list[dict]) -> None:
     bad = {**pod, "spec": {**pod["spec"], "restartPolcy": "Never"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def _aggregator_storage(rendered: list[dict], job: str) -> tuple[list[dict], list[dict]]:
+    pod = next(o for o in rendered
+               if o["kind"] == "Pod" and o["metadata"]["name"] == f"{job}-aggregator")
+    mounts = [m for m in pod["spec"]["containers"][0]["volumeMounts"]
+              if m["mountPath"] in (CHECKPOINT_DIR, OUTPUT_DIR)]
+    names = {m["name"] for m in mounts}
+    return mounts, [v for v in pod["spec"]["volumes"] if v["name"] in names]
+
+
+def test_checkpoints_and_the_final_model_share_the_jobs_claim(rendered: list[dict]) -> None:
+    claim = next(o for o in rendered if o["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "digits-robust-state"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    mounts, volumes = _aggregator_storage(rendered, "digits-robust")
+    assert volumes == [{"name": "state",
+                        "persistentVolumeClaim": {"claimName": "digits-robust-state"}}]
+    assert sorted((m["mountPath"], m.get("subPath")) for m in mounts) == [
+        (CHECKPOINT_DIR, "checkpoints"), (OUTPUT_DIR, "output")]
+    # A claim of the user's own is mounted the same way; without a claim, emptyDirs.
+    _, volumes = _aggregator_storage(rendered, "digits-gpu")
+    assert volumes == [{"name": "state",
+                        "persistentVolumeClaim": {"claimName": "digits-gpu-checkpoints"}}]
+    _, volumes = _aggregator_storage(rendered, "digits")
+    assert [v.get("emptyDir") for v in volumes] == [{}, {}]

@@ -119,6 +119,12 @@ MISTAKES = [
                  "spec.aggregator.resources.limits.memory: Value error, 'lots' is not a "
                  "Kubernetes quantity",
                  id="bad-quantity"),
+    pytest.param({"aggregator": {"checkpoint": {"claimName": "mine", "size": "1Gi"}}},
+                 ".spec.aggregator.checkpoint.size: set checkpoint.claimName (a claim of your "
+                 "own) or checkpoint.size",
+                 "spec.aggregator.checkpoint.size: set checkpoint.claimName (a claim of your "
+                 "own) or checkpoint.size",
+                 id="claim-and-size"),
     pytest.param({"strategy": {"params": {"trimFraction": 0.5}}},
                  "spec.strategy.params.trimFraction: 0.5 is greater than or equal to the maximum",
                  "spec.strategy.params.trimFraction: Input should be less than 0.5",
@@ -162,8 +168,13 @@ def _rule_fields() -> st.SearchStrategy[dict[str, Any]]:
             {"noiseMultiplier": st.sampled_from([0, 0.0, 0.5, 1])},
             optional={"clipNorm": st.floats(0.1, 10)},
         ),
-        "aggregator": st.fixed_dictionaries({"port": st.sampled_from([9090, 50051]),
-                                             "metricsPort": st.sampled_from([9090, 9100])}),
+        "aggregator": st.fixed_dictionaries({
+            "port": st.sampled_from([9090, 50051]),
+            "metricsPort": st.sampled_from([9090, 9100]),
+            "checkpoint": st.fixed_dictionaries({}, optional={
+                "claimName": st.just("mine"), "size": st.just("1Gi"),
+                "storageClassName": st.just("fast")}),
+        }),
     })
 
 

@@ -62,7 +62,7 @@ What the operator does in the namespaces it serves: the one list both the Cluste
   verbs: ["get", "list", "watch", "create", "delete"]
 # The other children are read by name, created when missing, deleted on cleanup.
 - apiGroups: [""]
-  resources: ["configmaps", "secrets", "services"]
+  resources: ["configmaps", "secrets", "services", "persistentvolumeclaims"]
   verbs: ["get", "create", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]

@@ -8,7 +8,14 @@ from pydantic import Field
 
 from fedkube import __version__
 from fedkube.api.rules import Rule
-from fedkube.api.types import ApiModel, EnvVar, FreeForm, ResourceRequirements, Toleration
+from fedkube.api.types import (
+    ApiModel,
+    EnvVar,
+    FreeForm,
+    Quantity,
+    ResourceRequirements,
+    Toleration,
+)
 
 DEFAULT_IMAGE = f"ghcr.io/fedkube/fedkube-runtime:{__version__}"
 
@@ -114,16 +121,47 @@ class StrategySpec(ApiModel):
 
 
 class CheckpointSpec(ApiModel):
-    """Where the aggregator keeps its per-round checkpoint (model, strategy state, history)."""
+    """Where the aggregator keeps its per-round checkpoint (model, strategy state, history) and
+    the final model."""
 
     every_rounds: int = Field(default=1, ge=1, le=10000)
     """Checkpoint after every N completed rounds (the last round is always saved)."""
 
     claim_name: str | None = Field(default=None, min_length=1, max_length=253)
-    """PersistentVolumeClaim to keep checkpoints in, so that a recreated aggregator pod (after
-    a failure, on resume after suspend, after node loss) continues after the last completed
-    round. Without one they live in the pod's emptyDir and a recreated aggregator starts
-    over at round 1. Give each job its own claim: a checkpoint of another job is refused."""
+    """A PersistentVolumeClaim of your own for checkpoints (under ``checkpoints/``) and the
+    final model (under ``output/``), so that a recreated aggregator pod (after a failure, on
+    resume after suspend, after node loss) continues after the last completed round and the
+    model outlives the pod. Without a claim (this or ``size``) both live in the pod's
+    emptyDir: a recreated aggregator starts over at round 1. Give each job its own claim: a
+    checkpoint of another job is refused."""
+
+    size: Quantity | None = None
+    """Have the operator create a claim of this size for the job instead (``<job>-state``,
+    ReadWriteOnce, deleted with the job)."""
+
+    storage_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """StorageClass of the claim the operator creates (default: the cluster's default)."""
+
+    rules = (
+        Rule(
+            cel="!has(self.claimName) || !has(self.size)",
+            message=(
+                "set checkpoint.claimName (a claim of your own) or checkpoint.size (a claim "
+                "the operator creates), not both"
+            ),
+            check=lambda c: c.claim_name is None or c.size is None,
+            field_path=".size",
+        ),
+        Rule(
+            cel="!has(self.storageClassName) || has(self.size)",
+            message=(
+                "checkpoint.storageClassName applies to the claim the operator creates: "
+                "set checkpoint.size too"
+            ),
+            check=lambda c: c.storage_class_name is None or c.size is not None,
+            field_path=".storageClassName",
+        ),
+    )
 
 
 class RoleSpec(ApiModel):

@@ -63,6 +63,16 @@ def podgroup_name(job: str) -> str:
     return job
 
 
+def state_claim_name(job: FederatedJob) -> str | None:
+    """The PersistentVolumeClaim holding the aggregator's checkpoints and final model: the
+    user's ``checkpoint.claimName``, the one the operator creates for ``checkpoint.size``
+    (``<job>-state``), or None (an emptyDir)."""
+    checkpoint = job.spec.aggregator.checkpoint
+    if checkpoint.size is not None:
+        return f"{job.name}-state"
+    return checkpoint.claim_name
+
+
 def labels(job: FederatedJob, role: str | None = None) -> dict[str, str]:
     """The labels every child carries; selectors, dashboards and the reconcile rely on them."""
     out = {
@@ -191,14 +201,17 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         ]
         container["readinessProbe"] = {"httpGet": {"path": "/status", "port": "metrics"},
                                        "periodSeconds": 5}
-        claim = agg.checkpoint.claim_name
-        volumes += [
-            {"name": "checkpoints",
-             **({"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}})},
-            {"name": "output", "emptyDir": {}},
-        ]
-        mounts += [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
-                   {"name": "output", "mountPath": OUTPUT_DIR}]
+        claim = state_claim_name(job)
+        if claim is None:
+            volumes += [{"name": "checkpoints", "emptyDir": {}},
+                        {"name": "output", "emptyDir": {}}]
+            mounts += [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
+                       {"name": "output", "mountPath": OUTPUT_DIR}]
+        else:
+            # One claim, two folders: the final model outlives the pod with the checkpoints.
+            volumes += [{"name": "state", "persistentVolumeClaim": {"claimName": claim}}]
+            mounts += [{"name": "state", "mountPath": CHECKPOINT_DIR, "subPath": "checkpoints"},
+                       {"name": "state", "mountPath": OUTPUT_DIR, "subPath": "output"}]
     pod_spec: Manifest = {
         "restartPolicy": "Never",  # the operator recreates failed pods and counts restarts
         "automountServiceAccountToken": False,
@@ -265,6 +278,19 @@ def podgroup(job: FederatedJob) -> Manifest:
             "spec": {"minMember": 1 + job.spec.strategy.min_clients}}
 
 
+def state_claim(job: FederatedJob) -> Manifest:
+    """The claim the operator creates for ``checkpoint.size``; owned by (deleted with) the job."""
+    checkpoint = job.spec.aggregator.checkpoint
+    name = state_claim_name(job)
+    assert checkpoint.size is not None and name is not None
+    spec: Manifest = {"accessModes": ["ReadWriteOnce"],
+                      "resources": {"requests": {"storage": checkpoint.size}}}
+    if checkpoint.storage_class_name is not None:
+        spec["storageClassName"] = checkpoint.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(job, name, ROLE_AGGREGATOR), "spec": spec}
+
+
 def client_pods(job: FederatedJob) -> list[Manifest]:
     return [client_pod(job, i) for i in range(job.spec.clients.replicas)]
 
@@ -276,6 +302,8 @@ def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
         out.append(network_policy(job))
     if job.spec.scheduling.gang:
         out.append(podgroup(job))
+    if job.spec.aggregator.checkpoint.size is not None:
+        out.append(state_claim(job))
     return out
 
 

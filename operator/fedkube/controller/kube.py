@@ -21,6 +21,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "Secret": ("/api/v1", "secrets"),
     "Service": ("/api/v1", "services"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
     "FederatedJob": (f"/apis/{API_VERSION}", PLURAL),
