@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from fedkube.api.runtime import CHECKPOINT_DIR, OUTPUT_DIR
+from fedkube.api.runtime import CHECKPOINT_DIR, OUTPUT_DIR, STATE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "crds" / "samples").glob("*.yaml"))
@@ -51,27 +51,23 @@ def test_unknown_field_is_caught(rendered: list[dict]) -> None:
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-def _aggregator_storage(rendered: list[dict], job: str) -> tuple[list[dict], list[dict]]:
+def _state_volume(rendered: list[dict], job: str) -> dict:
+    """The volume the aggregator of ``job`` keeps checkpoints and its final model in."""
     pod = next(o for o in rendered
                if o["kind"] == "Pod" and o["metadata"]["name"] == f"{job}-aggregator")
-    mounts = [m for m in pod["spec"]["containers"][0]["volumeMounts"]
-              if m["mountPath"] in (CHECKPOINT_DIR, OUTPUT_DIR)]
-    names = {m["name"] for m in mounts}
-    return mounts, [v for v in pod["spec"]["volumes"] if v["name"] in names]
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"]
+                 if m["mountPath"] == STATE_DIR)
+    assert CHECKPOINT_DIR.startswith(STATE_DIR + "/") and OUTPUT_DIR.startswith(STATE_DIR + "/")
+    return next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
 
 
 def test_checkpoints_and_the_final_model_share_the_jobs_claim(rendered: list[dict]) -> None:
     claim = next(o for o in rendered if o["kind"] == "PersistentVolumeClaim")
     assert claim["metadata"]["name"] == "digits-robust-state"
     assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
-    mounts, volumes = _aggregator_storage(rendered, "digits-robust")
-    assert volumes == [{"name": "state",
-                        "persistentVolumeClaim": {"claimName": "digits-robust-state"}}]
-    assert sorted((m["mountPath"], m.get("subPath")) for m in mounts) == [
-        (CHECKPOINT_DIR, "checkpoints"), (OUTPUT_DIR, "output")]
-    # A claim of the user's own is mounted the same way; without a claim, emptyDirs.
-    _, volumes = _aggregator_storage(rendered, "digits-gpu")
-    assert volumes == [{"name": "state",
-                        "persistentVolumeClaim": {"claimName": "digits-gpu-checkpoints"}}]
-    _, volumes = _aggregator_storage(rendered, "digits")
-    assert [v.get("emptyDir") for v in volumes] == [{}, {}]
+    assert _state_volume(rendered, "digits-robust")["persistentVolumeClaim"] == {
+        "claimName": "digits-robust-state"}
+    # A claim of the user's own is mounted the same way; without a claim, an emptyDir.
+    assert _state_volume(rendered, "digits-gpu")["persistentVolumeClaim"] == {
+        "claimName": "digits-gpu-checkpoints"}
+    assert _state_volume(rendered, "digits")["emptyDir"] == {}

@@ -23,8 +23,12 @@ from fedkube.api.types import ApiModel
 
 CONFIG_MOUNT_PATH = "/etc/fedkube/config.yaml"
 TOKEN_MOUNT_PATH = "/var/run/secrets/fedkube/token"
-CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
-OUTPUT_DIR = "/var/lib/fedkube/output"
+#: The aggregator's one writable volume (an emptyDir, or the job's claim): checkpoints and
+#: the final model live in folders the aggregator creates, so no subPath (which the kubelet
+#: would create root-owned, unwritable for the non-root aggregator) is needed.
+STATE_DIR = "/var/lib/fedkube"
+CHECKPOINT_DIR = f"{STATE_DIR}/checkpoints"
+OUTPUT_DIR = f"{STATE_DIR}/output"
 
 EXIT_INVALID_CONFIGURATION = 2
 """Exit code of an aggregator or client whose configuration cannot work (a task that does not

@@ -128,8 +128,8 @@ class CheckpointSpec(ApiModel):
     """Checkpoint after every N completed rounds (the last round is always saved)."""
 
     claim_name: str | None = Field(default=None, min_length=1, max_length=253)
-    """A PersistentVolumeClaim of your own for checkpoints (under ``checkpoints/``) and the
-    final model (under ``output/``), so that a recreated aggregator pod (after a failure, on
+    """A PersistentVolumeClaim of your own for checkpoints (in ``checkpoints/``) and the
+    final model (in ``output/``), so that a recreated aggregator pod (after a failure, on
     resume after suspend, after node loss) continues after the last completed round and the
     model outlives the pod. Without a claim (this or ``size``) both live in the pod's
     emptyDir: a recreated aggregator starts over at round 1. Give each job its own claim: a

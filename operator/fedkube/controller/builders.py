@@ -20,9 +20,8 @@ from fedkube.api.constants import (
     ROLE_CLIENT,
 )
 from fedkube.api.runtime import (
-    CHECKPOINT_DIR,
     CONFIG_MOUNT_PATH,
-    OUTPUT_DIR,
+    STATE_DIR,
     TOKEN_MOUNT_PATH,
     RuntimeConfig,
 )
@@ -202,16 +201,9 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         container["readinessProbe"] = {"httpGet": {"path": "/status", "port": "metrics"},
                                        "periodSeconds": 5}
         claim = state_claim_name(job)
-        if claim is None:
-            volumes += [{"name": "checkpoints", "emptyDir": {}},
-                        {"name": "output", "emptyDir": {}}]
-            mounts += [{"name": "checkpoints", "mountPath": CHECKPOINT_DIR},
-                       {"name": "output", "mountPath": OUTPUT_DIR}]
-        else:
-            # One claim, two folders: the final model outlives the pod with the checkpoints.
-            volumes += [{"name": "state", "persistentVolumeClaim": {"claimName": claim}}]
-            mounts += [{"name": "state", "mountPath": CHECKPOINT_DIR, "subPath": "checkpoints"},
-                       {"name": "state", "mountPath": OUTPUT_DIR, "subPath": "output"}]
+        volumes.append({"name": "state", **({"emptyDir": {}} if claim is None else
+                                            {"persistentVolumeClaim": {"claimName": claim}})})
+        mounts.append({"name": "state", "mountPath": STATE_DIR})
     pod_spec: Manifest = {
         "restartPolicy": "Never",  # the operator recreates failed pods and counts restarts
         "automountServiceAccountToken": False,
