@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedkube.api import FederatedJob, JobMetrics
-from fedkube.api.runtime import AggregatorReport, RuntimeConfig
+from fedkube.api.runtime import AggregatorReport, RuntimeConfig, last_line
 from fedkube.api.validation import InvalidJobError, load_jobs
 from fedkube.federation.runtime import THREADS_ENV
 
@@ -121,8 +121,8 @@ class ProcessGroup:
         return None
 
     def last_log_line(self, name: str) -> str:
-        lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
-        return next((line for line in reversed(lines) if line.strip()), "(no output)")
+        return last_line((self.log_dir / f"{name}.log").read_text(errors="replace")) or \
+            "(no output)"
 
     def wait_all(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -40,6 +40,13 @@ class ConfigurationError(ValueError):
     """The job's configuration cannot work; the message names the field and the fix."""
 
 
+def last_line(output: str | None) -> str:
+    """The last non-blank line of a pod's or process's output: its error, by the contract
+    above ("" when there is none)."""
+    lines = [line.strip() for line in (output or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 class RuntimeConfig(ApiModel):
     """Everything a pod (or a local process) needs to take part in one job."""
 

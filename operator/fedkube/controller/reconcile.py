@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from fedkube.api import FederatedJob
 from fedkube.api.constants import GROUP, LABEL_ROLE, ROLE_CLIENT
-from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport
+from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport, last_line
 from fedkube.api.status import Condition, ConditionType, FederatedJobStatus, Phase
 from fedkube.controller import builders
 from fedkube.controller.builders import Manifest
@@ -106,14 +106,10 @@ def failure_of(pod: Manifest) -> tuple[str, int | None, str]:
         terminated = (status.get("state") or {}).get("terminated") or {}
         if terminated.get("exitCode"):
             return (terminated.get("reason") or "Error", int(terminated["exitCode"]),
-                    _last_line(terminated.get("message")))
+                    last_line(terminated.get("message"))[:MESSAGE_LIMIT])
     status = pod.get("status") or {}
-    return status.get("reason") or "Error", None, _last_line(status.get("message"))
-
-
-def _last_line(text: str | None) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:MESSAGE_LIMIT] if lines else ""
+    return (status.get("reason") or "Error", None,
+            last_line(status.get("message"))[:MESSAGE_LIMIT])
 
 
 def _describe_failure(reason: str, exit_code: int | None, message: str) -> str:

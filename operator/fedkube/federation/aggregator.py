@@ -393,7 +393,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         if saved is None:
             return
         fix = ("delete it, or give this job a volume of its own "
-               "(spec.aggregator.checkpoint.claimName)")
+               "(spec.aggregator.checkpoint.size or claimName)")
         if saved.job not in ("", self._job):
             raise ConfigurationError(
                 f"the checkpoint in {directory} belongs to job {saved.job}, not {self._job}: "
