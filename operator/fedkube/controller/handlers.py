@@ -4,6 +4,10 @@ Every trigger (job event, pod event, periodic resync) funnels into
 :meth:`Controller.trigger`, which coalesces bursts (a hundred pod events make one or two
 passes, not a hundred) and runs at most one pass per job at a time, so two triggers never
 race to create the same pod.
+
+The resync is one loop over the jobs the operator knows, not a kopf daemon per job: a
+thousand daemons cost a thousand tasks, and stopping them made shutdown take seconds per
+hundred jobs, past a pod's termination grace period.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -43,27 +47,71 @@ SUPPORT_KINDS = ("ConfigMap", "Secret", "Service", "NetworkPolicy", "PodGroup")
 
 @dataclass
 class _JobState:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    passes: asyncio.Task[None] | None = None
+    """The task running this job's passes, while one runs."""
     dirty: bool = False
+    """Something changed since the running pass began: run once more."""
 
 
 @dataclass
 class Controller:
-    """The operator's state: its API session, metrics and per-job serialisation."""
+    """The operator's state: its API session, metrics and per-job serialisation.
+
+    Handlers never wait for a pass: :meth:`trigger` starts or re-arms the job's pass task and
+    returns, so kopf's workers stay free and :meth:`stop` ends every pass at once. Cutting a
+    pass short loses nothing: the reconcile is level-based and the next operator redoes it.
+    """
 
     settings: ControllerSettings
     metrics: OperatorMetrics
     kube: Kube | None = None
     jobs: dict[tuple[str, str], _JobState] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    """The resync loop and every running pass, for :meth:`stop` to cancel."""
+    resyncing: bool = False
 
-    async def trigger(self, namespace: str, name: str) -> None:
-        """Reconcile the job now, or make the pass already running go once more."""
+    def start_resync(self) -> None:
+        """Start the resync loop unless it runs. Called from a resource handler: the loop
+        inherits the context that kopf gives those, without which kopf cannot post Events."""
+        if not self.resyncing and self.kube is not None:
+            self.resyncing = True
+            self._spawn(self.resync_forever(), "fedkube resync")
+
+    async def stop(self) -> None:
+        """Cancel the resync loop and every pass, then close the API session."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        kube, self.kube = self.kube, None
+        if kube is not None:
+            await kube.close()
+
+    async def resync_forever(self) -> None:
+        """Every ``resync_seconds``, reconcile each known job once more: deadlines, TTLs, stuck
+        pods and the aggregator's progress change without any watch event."""
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            for namespace, name in list(self.jobs):
+                self.trigger(namespace, name)
+
+    def trigger(self, namespace: str, name: str) -> None:
+        """Reconcile the job soon: start its pass, or make the running one go once more."""
         state = self.jobs.setdefault((namespace, name), _JobState())
         state.dirty = True
-        if state.lock.locked():
-            return
-        async with state.lock:
-            while state.dirty:
+        if state.passes is None:
+            state.passes = self._spawn(self._run_passes(namespace, name, state),
+                                       f"reconcile {namespace}/{name}")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _run_passes(self, namespace: str, name: str, state: _JobState) -> None:
+        try:
+            while state.dirty and self.kube is not None:
                 state.dirty = False
                 started = time.perf_counter()
                 try:
@@ -78,6 +126,8 @@ class Controller:
                     self.metrics.reconcile_total.labels(result="ok").inc()
                 finally:
                     self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+        finally:
+            state.passes = None
 
     def forget(self, namespace: str, name: str) -> None:
         self.jobs.pop((namespace, name), None)
@@ -213,15 +263,19 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.persistence.finalizer = f"{GROUP}/finalizer"
         settings.posting.level = logging.INFO
-        # Startup handlers finish before any resource handler runs, and cleanup handlers
-        # start after every one has stopped: one session serves the operator's whole life.
+        # Startup handlers finish before any resource handler runs: one session serves the
+        # operator's whole life.
         controller.kube = Kube.connect(credentials(controller.settings, settings))
 
     @kopf.on.cleanup(registry=registry)
     async def disconnect(**_: Any) -> None:
-        kube, controller.kube = controller.kube, None
-        if kube is not None:
-            await kube.close()
+        await controller.stop()
+        # kopf 1.45 does not close a stopped watch-stream's generator, whose "pause-waiter"
+        # task then holds the exit for kopf's fixed 5 s hung-task timeout. Cleanup handlers
+        # run after every watcher has stopped, so nothing is waiting on these any more.
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("pause-waiter for "):
+                task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
@@ -229,22 +283,13 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         if type == "DELETED":
             controller.forget(namespace, name)
             return
-        await controller.trigger(namespace, name)
-
-    # A daemon, not a timer: kopf cancels a daemon on shutdown (within cancellation_timeout)
-    # but orphans a timer caught mid-pass, which then runs on against the closed session.
-    # The sleep is a plain one because cancellation is how kopf stops async daemons.
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=1.0)
-    async def resync(name: str, namespace: str | None, **_: Any) -> None:
-        assert namespace is not None, "FederatedJobs are namespaced"
-        while True:
-            await controller.trigger(namespace, name)
-            await asyncio.sleep(controller.settings.resync_seconds)
+        controller.start_resync()
+        controller.trigger(namespace, name)
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
         assert namespace is not None, "pods are namespaced"
-        await controller.trigger(namespace, labels[LABEL_JOB])
+        controller.trigger(namespace, labels[LABEL_JOB])
 
 
 def credentials(settings: ControllerSettings,
