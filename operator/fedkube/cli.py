@@ -131,9 +131,11 @@ def render(files: tuple[Path, ...]) -> None:
               help="Watch only this namespace (repeatable); all namespaces when omitted.")
 @click.option("--all-namespaces", is_flag=True, help="Watch every namespace (the default).")
 @click.option("--standalone", is_flag=True,
-              help="No peering: for development; in a cluster, replicas elect one active.")
+              help="No peering: reconcile at once, whatever else runs. For one replica "
+                   "(development, tests); replicas of a Deployment meet in a peering object.")
 @click.option("--peering-name", default="fedkube", show_default=True,
-              help="kopf peering object shared by the operator's replicas.")
+              help="The kopf (Cluster)KopfPeering the replicas meet in, so that one at a "
+                   "time is active; created at start when missing.")
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True,
               help="kopf liveness endpoint URL.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
@@ -144,12 +146,13 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, standalone: bool
              peering_name: str, liveness: str, metrics_port: int, json_logs: bool,
              verbose: bool) -> None:
     """Run the fedkube operator: FederatedJobs -> aggregator and client pods."""
-    from fedkube.controller.operator import run_operator
+    from fedkube.controller.operator import OperatorOptions, run_operator
 
     if all_namespaces and namespaces:
         raise click.UsageError("use --namespace or --all-namespaces, not both")
-    run_operator(namespaces, standalone, peering_name, liveness, metrics_port, json_logs,
-                 verbose)
+    options = OperatorOptions(namespaces=namespaces, standalone=standalone,
+                              peering_name=peering_name, liveness=liveness)
+    sys.exit(run_operator(options, metrics_port, json_logs, verbose))
 
 
 if __name__ == "__main__":

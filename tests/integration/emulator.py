@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,13 +26,16 @@ import attrs
 import jsonpatch
 import kmock
 import kopf
+import yaml
 from kmock import ResourceInfo
 from kmock._internal import enums
 from kmock._internal.apps import Server
 
 from fedkube.api.constants import LABEL_JOB, PLURAL
-from fedkube.controller.handlers import Controller, register
+from fedkube.api.crd import build_crd
+from fedkube.controller.handlers import Controller
 from fedkube.controller.metrics import OperatorMetrics
+from fedkube.controller.operator import OperatorOptions, serve
 from fedkube.controller.settings import ControllerSettings
 
 JOBS = f"/apis/fedkube.io/v1alpha1/namespaces/{{ns}}/{PLURAL}"
@@ -52,13 +56,18 @@ class PatchTestFailedError(kmock.KubernetesError):
 
 
 class FedkubeEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus what a real API server does that kopf relies on: stamped
-    metadata (pitfall 1), ``generateName`` (kopf's Events) and 422 on a failed patch test.
+    """kmock's emulator plus what a real API server does that kopf and kubectl rely on:
+    stamped metadata (pitfall 1), ``generateName`` (kopf's Events), 422 on a failed patch
+    test, 404 for a kind it does not serve (a CRD not installed), and the discovery and list
+    documents kubectl needs (pitfall 3).
     """
 
     _versions = itertools.count(1)
 
     async def _handle(self, request: Any) -> Any:
+        if request.action == enums.action.CREATE and request.resource is not None and \
+                not any(request.resource == declared for declared in self._resources):
+            raise kmock.KubernetesResourceNotFoundError()
         if request.resource is not None and isinstance(request.data, dict | list):
             if request.action == enums.action.CREATE:
                 meta = request.data.setdefault("metadata", {})
@@ -97,6 +106,31 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
         serving = _SERVING.get(None)
         return iter((serving,)) if serving is not None else iter(self._requests)
 
+    async def _serve_version(self, request: Any) -> Any:
+        document = await super()._serve_version(request)
+        # kmock writes the core group's version as "/v1"; kubectl then finds no Pod kind.
+        document["groupVersion"] = document["groupVersion"].lstrip("/")
+        # and gives subresources their resource's short names, which kubectl calls ambiguous.
+        for resource in document["resources"]:
+            if "/" in resource["name"]:
+                resource["shortNames"], resource["categories"] = [], []
+        return document
+
+    async def _serve_list(self, request: Any) -> Any:
+        document = await super()._serve_list(request)
+        if _wants_table(request):
+            return _job_table(document["items"])
+        # kubectl refuses a list without a kind ("Object 'Kind' is missing").
+        info = self._resources.get(request.resource)
+        group, version = request.resource.group, request.resource.version
+        document["apiVersion"] = f"{group}/{version}" if group else version
+        document["kind"] = f"{info.kind if info and info.kind else 'Unknown'}List"
+        return document
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        document = await super()._serve_fetch(request)
+        return _job_table([document]) if _wants_table(request) else document
+
     def _current(self, request: Any) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
         if key in self._objects and not self._objects[key].deleted:
@@ -104,22 +138,133 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
         return None
 
 
-def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
+def _wants_table(request: Any) -> bool:
+    """kubectl get asks for a Table; the API server renders a CRD's printer columns."""
+    return request.resource is not None and request.resource.plural == PLURAL and \
+        "as=Table" in request.headers.get("Accept", "")
+
+
+def _job_table(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """FederatedJobs as the API server's Table: the CRD's additionalPrinterColumns."""
+    version = build_crd()["spec"]["versions"][0]
+    columns = [{"name": "Name", "type": "string", "format": "name", "description": "",
+                "priority": 0}]
+    columns += [{"name": c["name"], "type": c["type"], "format": "",
+                 "description": c.get("description", ""), "priority": c.get("priority", 0)}
+                for c in version["additionalPrinterColumns"]]
+
+    def cell(job: dict[str, Any], column: dict[str, Any]) -> Any:
+        value: Any = job
+        for key in column["jsonPath"].lstrip(".").split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if column["type"] == "date" and value:
+            age = datetime.now(UTC) - datetime.fromisoformat(value)
+            return f"{int(age.total_seconds())}s"
+        return value
+
+    return {"apiVersion": "meta.k8s.io/v1", "kind": "Table",
+            "metadata": {"resourceVersion": ""}, "columnDefinitions": columns,
+            "rows": [{"cells": [job["metadata"]["name"]] + [
+                          cell(job, c) for c in version["additionalPrinterColumns"]],
+                      "object": {"apiVersion": "meta.k8s.io/v1",
+                                 "kind": "PartialObjectMetadata",
+                                 "metadata": job["metadata"]}} for job in jobs]}
+
+
+def declare_resources(emulator: kmock.KubernetesEmulator, peering: bool = False) -> None:
+    """The built-in kinds, fedkube's CRD and the PodGroup CRD; kopf's peering CRDs when
+    ``peering`` (as the chart installs them)."""
     emulator.resources.load_bundled()
+    # Pitfall 3: kubectl picks metrics.k8s.io's pods for `kubectl get pods`.
+    for resource in [r for r in emulator.resources if r.group == "metrics.k8s.io"]:
+        del emulator.resources[resource]
     verbs = {"list", "watch", "get", "create", "patch", "update", "delete"}
     emulator.resources[f"fedkube.io/v1alpha1/{PLURAL}"] = ResourceInfo(
         kind="FederatedJob", namespaced=True, subresources={"status"}, verbs=verbs,
-        shortnames={"fedjob", "fj"})
+        shortnames={"fedjob", "fj"}, singular="federatedjob")
     emulator.resources["scheduling.x-k8s.io/v1alpha1/podgroups"] = ResourceInfo(
         kind="PodGroup", namespaced=True, verbs=verbs)
+    if peering:
+        emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = ResourceInfo(
+            kind="ClusterKopfPeering", namespaced=False, verbs=verbs)
+        emulator.resources["kopf.dev/v1/kopfpeerings"] = ResourceInfo(
+            kind="KopfPeering", namespaced=True, verbs=verbs)
 
 
 @contextlib.asynccontextmanager
-async def serve_emulator() -> AsyncIterator[tuple[FedkubeEmulator, str]]:
+async def serve_emulator(peering: bool = False) -> AsyncIterator[tuple[FedkubeEmulator, str]]:
     """An emulator on a free 127.0.0.1 port; yields it and its URL."""
     async with FedkubeEmulator() as emulator, Server(emulator) as server:
-        declare_resources(emulator)
+        declare_resources(emulator, peering)
         yield emulator, str(server.url).rstrip("/")
+
+
+class EmulatorThread:
+    """The emulator served by a thread of its own, for tests that drive it with blocking
+    clients: the real ``kubectl`` and a ``fedkube operator`` subprocess."""
+
+    def __init__(self, peering: bool = False) -> None:
+        self.peering = peering
+        self.url = ""
+        self.emulator: FedkubeEmulator | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
+                                        name="kmock emulator", daemon=True)
+        self._error: BaseException | None = None
+
+    async def _serve(self) -> None:
+        try:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            async with serve_emulator(self.peering) as (emulator, url):
+                self.emulator, self.url = emulator, url
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> EmulatorThread:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self.emulator is None:
+            raise RuntimeError(f"the emulator did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def requests(self) -> list[Any]:
+        """The requests served so far (a snapshot)."""
+        assert self.emulator is not None
+        return list(self.emulator._requests)
+
+    def count(self, plural: str) -> int:
+        """How many objects of this kind exist."""
+        assert self.emulator is not None
+        return sum(1 for (resource, _, _), obj in list(self.emulator._objects.items())
+                   if resource.plural == plural and not obj.deleted)
+
+    def watching(self, since: int = 0) -> bool:
+        """True once jobs and pods are watched by requests after the first ``since``."""
+        assert self.emulator is not None
+        return _watching(self.emulator, since)
+
+    def kubeconfig(self, path: Path, namespace: str = "ml") -> Path:
+        """Write a kubeconfig for this emulator (what kubectl and ``fedkube operator`` read)."""
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "emulator-token"}}],
+            "contexts": [{"name": "emulator", "context": {
+                "cluster": "emulator", "user": "tester", "namespace": namespace}}],
+        }))
+        return path
 
 
 def operator_settings(url: str, status_url: str = "http://127.0.0.1:9/status") -> \
@@ -133,9 +278,7 @@ def operator_settings(url: str, status_url: str = "http://127.0.0.1:9/status") -
 async def running_operator(emulator: FedkubeEmulator, settings: ControllerSettings,
                            metrics: OperatorMetrics | None = None) -> AsyncIterator[Controller]:
     """The real kopf operator with fedkube's handlers, watching the emulator."""
-    registry = kopf.OperatorRegistry()
     controller = Controller(settings=settings, metrics=metrics or OperatorMetrics())
-    register(registry, controller)
     stop = threading.Event()
     kopf_settings = kopf.OperatorSettings()
     kopf_settings.posting.enabled = True
@@ -148,8 +291,8 @@ async def running_operator(emulator: FedkubeEmulator, settings: ControllerSettin
     # The operator gets its own thread and event loop, as in production: on exit kopf stops
     # every task its loop gained after it started, which in the test's loop would include the
     # emulator's and the status server's connection handlers.
-    task = asyncio.ensure_future(asyncio.to_thread(asyncio.run, kopf.operator(
-        registry=registry, settings=kopf_settings, standalone=True, clusterwide=True,
+    task = asyncio.ensure_future(asyncio.to_thread(asyncio.run, serve(
+        OperatorOptions(standalone=True), controller, kopf_settings=kopf_settings,
         stop_flag=stop)))
     seen = len(emulator._requests)
     try:

@@ -77,10 +77,11 @@ What the operator does in the namespaces it serves: the one list both the Cluste
   resources: ["events"]
   verbs: ["create"]
 {{- if .Values.watchNamespaces }}
-# Namespaced peering: kopf reads and refreshes its peers' records in each served namespace.
+# Namespaced peering: kopf reads and refreshes its peers' records in each served namespace;
+# the operator creates the object at start when it is missing (instead of waiting silently).
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "create"]
 {{- end }}
 {{- end }}
 
@@ -96,6 +97,6 @@ What the operator does in the namespaces it serves: the one list both the Cluste
   verbs: ["list", "watch"]
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "create"]
 {{- end }}
 {{- end }}

@@ -17,6 +17,8 @@ from fedkube.api.constants import API_VERSION, PLURAL
 
 #: kind -> (API path prefix, plural) of everything the operator reads or writes.
 RESOURCES: dict[str, tuple[str, str]] = {
+    "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings"),
+    "KopfPeering": ("/apis/kopf.dev/v1", "kopfpeerings"),
     "Pod": ("/api/v1", "pods"),
     "ConfigMap": ("/api/v1", "configmaps"),
     "Secret": ("/api/v1", "secrets"),
@@ -67,10 +69,13 @@ class Kube:
         await self.session.close()
         await self.plain.close()
 
-    def url(self, kind: str, namespace: str, name: str | None = None,
+    def url(self, kind: str, namespace: str | None, name: str | None = None,
             subresource: str | None = None) -> str:
+        """The object's (or, without a name, the collection's) URL; a cluster-scoped kind has
+        no namespace."""
         prefix, plural = RESOURCES[kind]
-        url = f"{self.server}{prefix}/namespaces/{namespace}/{plural}"
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        url = f"{self.server}{prefix}{scope}/{plural}"
         return url + (f"/{name}" if name else "") + (f"/{subresource}" if subresource else "")
 
     async def _request(self, method: str, url: str, ok: tuple[int, ...] = (),
@@ -83,7 +88,7 @@ class Kube:
             result: dict[str, Any] = await response.json(content_type=None)
             return result
 
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         return await self._request("GET", self.url(kind, namespace, name), ok=(404,))
 
@@ -101,7 +106,7 @@ class Kube:
     async def create(self, manifest: dict[str, Any]) -> bool:
         """Create; False when it already exists (409), which is as good as created."""
         meta = manifest["metadata"]
-        created = await self._request("POST", self.url(manifest["kind"], meta["namespace"]),
+        created = await self._request("POST", self.url(manifest["kind"], meta.get("namespace")),
                                       ok=(409,), json=manifest)
         return created is not None
 

@@ -1,17 +1,40 @@
-"""``fedkube operator``: the kopf operator process (namespaces, peering, probes, metrics)."""
+"""``fedkube operator``: the kopf operator process (namespaces, peering, probes, metrics).
+
+:func:`serve` is the one way the operator runs, for the command and for the in-process test
+harness alike, so that what the tests start is what ships.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import threading
+from dataclasses import dataclass
 
 import kopf
 from prometheus_client import start_http_server
 
-from fedkube.controller.handlers import Controller, register
+from fedkube.controller.handlers import Controller, credentials, register
+from fedkube.controller.kube import Kube
 from fedkube.controller.metrics import OperatorMetrics
+from fedkube.controller.peering import PeeringError, ensure_peering, peering_objects
 from fedkube.controller.settings import ControllerSettings
+
+logger = logging.getLogger("fedkube.operator")
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """What the command line chooses."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to serve; every namespace when empty."""
+    standalone: bool = False
+    """No peering at all: this process reconciles at once, whatever else runs."""
+    peering_name: str = "fedkube"
+    """The (Cluster)KopfPeering the replicas meet in, when not standalone."""
+    liveness: str | None = None
+    """kopf's liveness endpoint URL, e.g. ``http://0.0.0.0:8080/healthz``."""
 
 
 def configure_logging(json_logs: bool, verbose: bool) -> None:
@@ -26,21 +49,44 @@ def configure_logging(json_logs: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def run_operator(namespaces: Sequence[str], standalone: bool, peering_name: str,
-                 liveness: str | None, metrics_port: int | None, json_logs: bool,
-                 verbose: bool) -> None:
-    """Run until SIGTERM/SIGINT; kopf stops handlers gracefully on either."""
+async def serve(options: OperatorOptions, controller: Controller, *,
+                kopf_settings: kopf.OperatorSettings | None = None,
+                stop_flag: threading.Event | None = None) -> None:
+    """Run the operator until SIGTERM/SIGINT (or ``stop_flag``).
+
+    Raises :class:`PeeringError` before kopf starts when peering is on and its object is
+    missing and cannot be created: kopf would otherwise stay paused, watching nothing.
+    """
+    settings = kopf_settings or kopf.OperatorSettings()
+    if not options.standalone:
+        kube = Kube.connect(credentials(controller.settings, settings))
+        try:
+            objects = peering_objects(options.peering_name, options.namespaces)
+            for created in await ensure_peering(kube, objects):
+                logger.info("created the peering object %s", created.describe())
+        finally:
+            await kube.close()
+    registry = kopf.OperatorRegistry()
+    register(registry, controller)
+    # kopf makes peering mandatory whenever it is given a peering name, standalone or not.
+    await kopf.operator(
+        registry=registry, settings=settings, standalone=options.standalone,
+        clusterwide=not options.namespaces, namespaces=list(options.namespaces),
+        liveness_endpoint=options.liveness, stop_flag=stop_flag,
+        peering_name=None if options.standalone else options.peering_name)
+
+
+def run_operator(options: OperatorOptions, metrics_port: int | None, json_logs: bool,
+                 verbose: bool) -> int:
+    """The ``fedkube operator`` process; returns its exit code (2: peering cannot work)."""
     configure_logging(json_logs, verbose)
-    settings = ControllerSettings.from_env()
     metrics = OperatorMetrics()
     if metrics_port is not None:
         start_http_server(metrics_port, registry=metrics.registry)
-    registry = kopf.OperatorRegistry()
-    register(registry, Controller(settings=settings, metrics=metrics))
-    kopf_settings = kopf.OperatorSettings()
-    kopf_settings.peering.name = peering_name
-    kopf_settings.peering.mandatory = not standalone
-    asyncio.run(kopf.operator(
-        registry=registry, settings=kopf_settings, standalone=standalone,
-        clusterwide=not namespaces, namespaces=list(namespaces),
-        liveness_endpoint=liveness, peering_name=peering_name))
+    controller = Controller(settings=ControllerSettings.from_env(), metrics=metrics)
+    try:
+        asyncio.run(serve(options, controller))
+    except PeeringError as error:
+        logger.error("%s", error)
+        return 2
+    return 0

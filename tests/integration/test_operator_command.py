@@ -1,0 +1,289 @@
+"""The shipped ``fedkube operator`` command, driven by the real ``kubectl``, as users run both.
+
+The operator runs as a subprocess with exactly the command and arguments that the chart's
+Deployment renders (``helm template``), logs in through a kubeconfig, and serves the API
+emulator; the test acts as the user and as kubelet with ``kubectl`` alone. This is the test
+that an in-process harness with its own arguments could not be: it once hid an operator that
+watched nothing because kopf's peering object did not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from emulator import EmulatorThread
+
+from tests.chart.conftest import load_hack
+
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "crds" / "samples" / "digits.yaml"
+POD_ID = "fedkube-operator-7d9c-test"  # the chart sets POD_ID to the operator pod's name
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], *, what: str, timeout: float = 60.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, Path]:
+    """helm and kubectl: on PATH, or installed into .tools/bin as `make test` does."""
+    installed: dict[str, Path] = load_hack("install_tools").install()
+    return installed
+
+
+def chart_operator_argv(helm: Path, health_port: int, metrics_port: int) -> list[str]:
+    """The operator container's command and arguments, as the chart's Deployment has them."""
+    rendered = subprocess.run(
+        [str(helm), "template", "fedkube", str(ROOT / "charts" / "fedkube"),
+         "--set", f"health.port={health_port}", "--set", f"metrics.port={metrics_port}"],
+        capture_output=True, text=True, check=True).stdout
+    (deployment,) = [d for d in yaml.safe_load_all(rendered)
+                     if d and d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"] for e in container.get("env", [])}
+    assert "POD_ID" in env, "the chart names kopf's peer after its pod"
+    argv: list[str] = container["command"] + container["args"]
+    return argv
+
+
+class Kubectl:
+    """The real kubectl against the emulator (``--validate=false``: no OpenAPI served)."""
+
+    def __init__(self, binary: Path, kubeconfig: Path) -> None:
+        self.binary, self.env = str(binary), {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([self.binary, *args], env=self.env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        if check:
+            assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+        return done
+
+    def out(self, *args: str) -> str:
+        return self.run(*args).stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.out(*args, "-o", "json"))
+
+    def pods(self, job: str) -> dict[str, dict[str, Any]]:
+        """The job's pods by name (the emulator ignores label selectors: filtered here)."""
+        items = self.json("get", "pods", "-l", f"fedkube.io/job={job}")["items"]
+        return {p["metadata"]["name"]: p for p in items
+                if p["metadata"].get("labels", {}).get("fedkube.io/job") == job}
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        """The job, or None when it does not exist. Listed, since the emulator cannot answer
+        kubectl's follow-up question on a missing object (does the namespace exist?)."""
+        jobs = self.json("get", "fj")["items"]
+        return next((j for j in jobs if j["metadata"]["name"] == name), None)
+
+    def set_pod_status(self, name: str, status: dict[str, Any]) -> None:
+        """Play kubelet."""
+        self.out("patch", "pod", name, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": status}))
+
+
+class OperatorProcess:
+    """``fedkube operator`` as a subprocess; its log goes to a file the test can show."""
+
+    def __init__(self, argv: list[str], kubeconfig: Path, log: Path) -> None:
+        # The chart runs `fedkube` from the image's PATH; here, the virtualenv's.
+        self.argv = [str(Path(sys.executable).with_name(argv[0])), *argv[1:]]
+        self.log = log
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": POD_ID,
+                    # No aggregator runs here: status polls go to a port nobody serves.
+                    "FEDKUBE_STATUS_URL": f"http://127.0.0.1:{free_port()}/status"}
+        self.env.pop("FEDKUBE_KUBE_SERVER", None)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> OperatorProcess:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 30.0) -> tuple[int, float]:
+        """SIGTERM, as kubelet sends it; returns the exit code and the seconds it took."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+
+@pytest.fixture
+def cluster() -> Iterator[EmulatorThread]:
+    """The API emulator with kopf's peering CRDs, as the chart installs them, and no peering
+    object: the chart's own may not be there yet (or was deleted)."""
+    with EmulatorThread(peering=True) as emulator:
+        yield emulator
+
+
+def start_operator(tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path,
+                   *extra: str) -> tuple[OperatorProcess, Kubectl]:
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+    argv = chart_operator_argv(tools["helm"], free_port(), free_port()) + list(extra)
+    return OperatorProcess(argv, kubeconfig, tmp_path / "operator.log"), \
+        Kubectl(tools["kubectl"], kubeconfig)
+
+
+def wait_watching(cluster: EmulatorThread, operator: OperatorProcess) -> None:
+    """Pitfall 2: objects created before the watch subscribes are never announced."""
+    assert operator.process is not None
+    wait_for(lambda: cluster.watching() or operator.process.poll() is not None,  # type: ignore[union-attr]
+             what="the operator to watch jobs and pods")
+    assert operator.process.poll() is None, f"the operator exited:\n{operator.output()}"
+
+
+@pytest.mark.parametrize("standalone", [True, False], ids=["standalone", "peering"])
+def test_operator_command_runs_a_job_as_a_user_drives_it(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path,
+        standalone: bool) -> None:
+    operator, kubectl = start_operator(tools, cluster, tmp_path,
+                                       *(["--standalone"] if standalone else []))
+    with operator:
+        wait_watching(cluster, operator)
+        peerings = kubectl.json("get", "clusterkopfpeerings")["items"]
+        if standalone:
+            assert peerings == []
+        else:
+            # No peering object existed: the operator created it and keeps its record there.
+            (peering,) = peerings
+            assert peering["metadata"]["name"] == "fedkube"
+            assert POD_ID in (peering.get("status") or {})
+
+        assert "federatedjob.fedkube.io/digits created" in kubectl.out(
+            "apply", "-f", str(SAMPLE), "--validate=false")
+        pods = wait_for(lambda: (p := kubectl.pods("digits")) and len(p) == 6 and p,
+                        what="the aggregator and 5 client pods")
+        job = kubectl.job("digits")
+        assert job is not None
+        for pod in pods.values():
+            (owner,) = pod["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == \
+                ("FederatedJob", "digits", job["metadata"]["uid"], True)
+        roles = sorted(p["metadata"]["labels"]["fedkube.io/role"] for p in pods.values())
+        assert roles == ["aggregator"] + ["client"] * 5
+        for kind in ("configmap", "secret", "service"):
+            (child,) = [o for o in kubectl.json("get", kind)["items"]
+                        if o["metadata"].get("labels", {}).get("fedkube.io/job") == "digits"]
+            assert child["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+
+        table = kubectl.out("get", "fj")
+        header, row = table.splitlines()[:2]
+        assert header.split() == ["NAME", "PHASE", "ROUND", "CLIENTS", "ACCURACY", "AGE"]
+        assert row.split()[:2] == ["digits", "Pending"]
+
+        for name in pods:
+            kubectl.set_pod_status(name, {"phase": "Running"})
+        wait_for(lambda: (kubectl.job("digits") or {}).get("status", {}).get("clients", {})
+                 .get("ready") == 5, what="5 ready clients")
+        job = kubectl.job("digits")
+        assert job is not None and job["status"]["phase"] == "Running"
+        assert kubectl.out("get", "fj", "digits").splitlines()[1].split()[1:4] == \
+            ["Running", "0", "5"]
+
+        failed_uid = pods["digits-client-2"]["metadata"]["uid"]
+        kubectl.set_pod_status("digits-client-2", {"phase": "Failed", "containerStatuses": [{
+            "name": "client", "state": {"terminated": {
+                "exitCode": 1, "reason": "Error", "message": "CUDA error: device lost"}}}]})
+        recreated = wait_for(
+            lambda: (p := kubectl.pods("digits").get("digits-client-2")) and
+            p["metadata"]["uid"] != failed_uid and p,
+            what="the failed client pod deleted and created anew")
+        assert "phase" not in (recreated.get("status") or {})
+        job = wait_for(lambda: (j := kubectl.job("digits")) and
+                       j["status"].get("restarts") == 1 and j, what="restarts counted")
+        restarting = next(c for c in job["status"]["conditions"] if c["type"] == "Restarting")
+        assert restarting["status"] == "True"
+
+        described = wait_for(lambda: (d := kubectl.out("describe", "fj", "digits")) and
+                             "PodFailed" in d and d, what="the PodFailed event")
+        events = described.split("Events:", 1)[1]
+        assert "ChildrenCreated" in events and "AggregatorRunning" in events
+        assert "digits-client-2" in events and "device lost" in events
+
+        assert 'federatedjob.fedkube.io "digits" deleted' in kubectl.out(
+            "delete", "fj", "digits", "--wait=false")
+        wait_for(lambda: kubectl.job("digits") is None,
+                 what="the job gone (no finalizer left holding it)")
+
+        code, _ = operator.terminate()
+        log = operator.output()
+        assert code == 0, log
+        assert "Traceback" not in log, log
+
+
+def test_operator_command_exits_fast_on_sigterm_with_a_hundred_jobs(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path) -> None:
+    """kubelet sends SIGTERM and kills the pod after terminationGracePeriodSeconds (30 s by
+    default): the operator must be out well before, however many jobs it serves."""
+    operator, kubectl = start_operator(tools, cluster, tmp_path)
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump_all([
+        {"apiVersion": "fedkube.io/v1alpha1", "kind": "FederatedJob",
+         "metadata": {"name": f"bulk-{i}"},
+         "spec": {"rounds": 1, "clients": {"replicas": 2}, "strategy": {"minClients": 1}}}
+        for i in range(100)]))
+    with operator:
+        wait_watching(cluster, operator)
+        kubectl.out("apply", "-f", str(jobs), "--validate=false")
+        wait_for(lambda: cluster.count("pods") >= 300, what="300 pods", timeout=90)
+        code, seconds = operator.terminate()
+        print(f"SIGTERM with 100 jobs: exit code {code} after {seconds:.2f} s")
+        log = operator.output()
+        assert code == 0, log
+        assert seconds < 10, f"SIGTERM took {seconds:.1f} s with 100 jobs\n{log[-3000:]}"
+        assert "Traceback" not in log and "Unprocessed streams" not in log, log[-3000:]
+
+
+def test_operator_command_without_peering_crds_says_what_to_do(
+        tools: dict[str, Path], tmp_path: Path) -> None:
+    """kopf alone would wait silently for ever; the operator exits, naming the object and the
+    fix, which a pod shows as its last log line."""
+    with EmulatorThread(peering=False) as cluster:
+        operator, _ = start_operator(tools, cluster, tmp_path)
+        with operator:
+            assert operator.process is not None
+            code = operator.process.wait(timeout=60)
+        log = operator.output()
+    assert code == 2, log
+    last = log.strip().splitlines()[-1]
+    assert "ClusterKopfPeering 'fedkube' does not exist" in last
+    assert "kubectl apply -f charts/fedkube/crds/kopf.dev_peerings.yaml" in last
+    assert "--standalone" in last
