@@ -146,6 +146,21 @@ class Prometheus:
         """Wait until Prometheus scrapes every target, up or not yet listening."""
         self.wait_targets({"up", "down"}, timeout_s)
 
+    def wait_scrapes(self, count: int = 1, timeout_s: float = 30) -> None:
+        """Wait until every target has been scraped ``count`` more times: what a test needs
+        after producing samples, however slow the machine (a fixed sleep is not enough)."""
+        def last_scrapes() -> dict[str, str]:
+            data = self._get("/api/v1/targets", state="active")
+            return {t["scrapeUrl"]: t["lastScrape"] for t in data["activeTargets"]}
+
+        for _ in range(count):
+            before = last_scrapes()
+            deadline = time.monotonic() + timeout_s
+            while any(after == before.get(url) for url, after in last_scrapes().items()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no new scrape of every target after {timeout_s}s")
+                time.sleep(0.05)
+
     def label_values(self, label: str, match: str, start: float, end: float) -> list[str]:
         """Values of ``label`` on series matching ``match``: Grafana's ``label_values()``."""
         return sorted(self._get(f"/api/v1/label/{label}/values",

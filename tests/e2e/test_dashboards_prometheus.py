@@ -103,7 +103,7 @@ def test_job_dashboard_panels_return_data_after_a_real_run(tmp_path: Path,
                              cwd=tmp_path, check=False)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         # Let the last scrapes land in the TSDB.
-        time.sleep(2 * SCRAPE_INTERVAL_S)
+        prom.wait_scrapes(2)
         end = time.time()
         assert_every_panel_returns_data(prom, "federated-job.json", start, end)
         # The scrapes saw the training, not only the metrics' initial zeros.
@@ -132,7 +132,7 @@ def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
             metrics.rounds_total.set(5)
             metrics.clients_connected.set(2)
             for round_ in range(1, 6):
-                time.sleep(SCRAPE_INTERVAL_S)
+                prom.wait_scrapes()
                 metrics.updates["accepted"].inc(2)
                 metrics.update_bytes.inc(2 * 4096)
                 metrics.aggregation_duration.observe(0.02)
@@ -140,7 +140,7 @@ def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
                 metrics.round.set(round_)
                 metrics.global_loss.set(1 / round_)
                 metrics.global_accuracy.set(0.5 + round_ / 20)
-            time.sleep(2 * SCRAPE_INTERVAL_S)
+            prom.wait_scrapes(2)
             assert_every_panel_returns_data(prom, "federated-job.json", start, time.time())
             # A label the code does not export leaves a panel empty, and the check says so.
             with pytest.raises(AssertionError, match="Round: max\\(fedkube_round\\{phase"):
@@ -191,13 +191,13 @@ async def test_operator_dashboard_panels_return_data_from_a_real_operator(
                     for name in await cluster.pods("digits"):
                         await cluster.set_pod_status(name, {"phase": "Running"})
                     await wait_until(lambda: job_phase(cluster, "Running"), what="Running")
-                    await asyncio.sleep(3 * SCRAPE_INTERVAL_S)
+                    await asyncio.to_thread(prom.wait_scrapes, 3)
                     await cluster.set_pod_status("digits-client-0", {"phase": "Failed"})
                     await wait_until(lambda: restarted(metrics), what="client-0 replaced")
-                    await asyncio.sleep(3 * SCRAPE_INTERVAL_S)
+                    await asyncio.to_thread(prom.wait_scrapes, 3)
                     await cluster.set_pod_status("digits-aggregator", {"phase": "Succeeded"})
                     await wait_until(lambda: job_phase(cluster, "Succeeded"), what="Succeeded")
-                    await asyncio.sleep(8 * SCRAPE_INTERVAL_S)
+                    await asyncio.to_thread(prom.wait_scrapes, 8)
             await asyncio.to_thread(assert_every_panel_returns_data, prom, "operator.json",
                                     start, time.time())
     finally:

@@ -20,6 +20,7 @@ from emulator import (
 )
 from prometheus_client import generate_latest
 
+from fedkube.controller.handlers import Controller
 from fedkube.controller.metrics import OperatorMetrics
 
 pytestmark = pytest.mark.timeout(60)
@@ -209,7 +210,9 @@ async def test_operator_restart_makes_no_duplicates_and_scale_down(env: Any) -> 
     token = (await cluster.list("secrets", "steady"))[0]["stringData"]["token"]
     creates_before = _creates(emulator)
     async with running_operator(emulator, settings, metrics):
-        await asyncio.sleep(1.0)  # several resync ticks of the new operator
+        seen = passes(metrics)
+        await wait_until(lambda: passes(metrics) >= seen + 3,
+                         what="three passes of the new operator (its first and two resyncs)")
         assert _creates(emulator) == creates_before, "a restarted operator created objects"
         assert len(await cluster.pods("steady")) == 4
         assert (await cluster.list("secrets", "steady"))[0]["stringData"]["token"] == token
@@ -235,14 +238,18 @@ async def test_immutable_change_rejected(env: Any) -> None:
 
 async def test_job_deleted_children_go(env: Any) -> None:
     emulator, cluster, status, metrics, url = env
-    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+    async with running_operator(emulator, operator_settings(url, status.url),
+                                metrics) as controller:
         await cluster.create_job("gone", SPEC)
         await wait_until(lambda: _len_at_least(cluster.pods("gone"), 4), what="pods")
         uid = (await cluster.job("gone"))["metadata"]["uid"]
         await cluster.delete_job("gone")
-        await wait_until(lambda: _absent(cluster, "gone"), what="job deleted (finalizer gone)")
+        await wait_until(lambda: _absent(cluster, "gone"), what="job deleted")
+        seen = passes(metrics)
         assert await cluster.collect_garbage(uid) >= 8  # every child has the owner reference
-        await asyncio.sleep(0.8)  # the operator must not recreate anything for a gone job
+        # The children's deletion events trigger passes; none may recreate anything.
+        await wait_until(lambda: passes(metrics) > seen and _idle(controller),
+                         what="the passes for the deleted children to finish")
         assert await cluster.pods("gone") == {}
         assert await cluster.list("configmaps", "gone") == []
 
@@ -260,7 +267,18 @@ async def test_hundred_jobs_all_reconciled(env: Any) -> None:
         await wait_until(lambda: _all_have_status(cluster), what="every job's status")
 
 
+def passes(metrics: OperatorMetrics) -> float:
+    """Reconcile passes finished so far."""
+    return sum(metric(metrics, "fedkube_operator_reconcile_total", {"result": result})
+               for result in ("ok", "error"))
+
+
 # --- polling helpers (each returns something truthy when the wait is over) ---------------
+def _idle(controller: Controller) -> bool:
+    """No reconcile pass is running (the operator runs in its own thread: copy, then read)."""
+    return not any(task.get_name().startswith("reconcile ") for task in list(controller.tasks))
+
+
 async def _len_at_least(pods: Any, n: int) -> dict[str, Any] | None:
     found = await pods
     return found if len(found) >= n else None
