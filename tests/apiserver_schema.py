@@ -124,12 +124,22 @@ class RuleFailure:
     field_path: str
 
 
+def _sum(values: Any) -> Any:
+    """Kubernetes' CEL list library ``sum()``, which cel-python lacks."""
+    return celpy.celtypes.IntType(sum(int(value) for value in values))
+
+
+#: Kubernetes' CEL extensions that the CRD's rules use.
+KUBERNETES_CEL_FUNCTIONS = {"sum": _sum}
+
+
 def cel_failures(schema: Schema, value: Any, path: str = "") -> list[RuleFailure]:
     """Every ``x-kubernetes-validations`` rule that ``value`` (already defaulted) breaks."""
     failures = []
     environment = celpy.Environment()
     for rule in schema.get("x-kubernetes-validations", []):
-        program = environment.program(environment.compile(rule["rule"]))
+        program = environment.program(environment.compile(rule["rule"]),
+                                      functions=KUBERNETES_CEL_FUNCTIONS)
         result = program.evaluate({"self": celpy.json_to_cel(_typed(schema, value))})
         if isinstance(result, Exception):
             raise result

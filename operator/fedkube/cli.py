@@ -84,12 +84,27 @@ def aggregator(config_path: Path) -> None:
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The RuntimeConfig YAML (the operator mounts it from the job's ConfigMap).")
 @click.option("--index", required=True, type=click.IntRange(min=0),
-              help="This client's index among the job's clients (selects its data partition).")
-def client(config_path: Path, index: int) -> None:
-    """Run one client of a job: train on its partition each round it is sampled."""
+              help="This client's index among all the job's clients (in a job with sites, "
+                   "the sites' clients in order); it selects the client's site and data.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The site's data directory (default: where its volume is mounted, "
+                   "sites[].data.mountPath).")
+def client(config_path: Path, index: int, data_dir: Path | None) -> None:
+    """Run one client of a job: train on its data each round it is sampled."""
     from fedkube.federation.runtime import run_client
 
-    sys.exit(run_client(config_path, index))
+    sys.exit(run_client(config_path, index, data_dir))
+
+
+def _site_dirs(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> \
+        dict[str, Path]:
+    dirs = {}
+    for value in values:
+        site, sep, directory = value.partition("=")
+        if not sep or not site or not directory:
+            raise click.BadParameter(f"{value!r} is not SITE=DIR")
+        dirs[site] = Path(directory)
+    return dirs
 
 
 @main.command()
@@ -104,13 +119,16 @@ def client(config_path: Path, index: int) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue after the run folder's last checkpointed round (e.g. after "
                    "Ctrl-C) instead of starting over.")
+@click.option("--data", "data", multiple=True, metavar="SITE=DIR", callback=_site_dirs,
+              help="A site's data directory here (repeatable); default: the path of the "
+                   "site's hostPath volume.")
 def run(job_file: Path, rounds: int | None, clients: int | None, output: Path | None,
-        metrics_port: int | None, resume: bool) -> None:
+        metrics_port: int | None, resume: bool, data: dict[str, Path]) -> None:
     """Run a FederatedJob on this machine: the aggregator and each client as processes."""
     from fedkube.local import run_local
 
     sys.exit(run_local(job_file, rounds=rounds, clients=clients, output=output,
-                       metrics_port=metrics_port, resume=resume))
+                       metrics_port=metrics_port, resume=resume, data=data))
 
 
 @main.command()

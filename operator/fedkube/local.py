@@ -40,6 +40,14 @@ CLIENT_EXIT_GRACE = 15.0
 STOP_GRACE = 5.0
 
 
+class UnusableOptions(ValueError):
+    """Command-line options that cannot work with this job; each problem names the fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,18 +165,21 @@ def progress_table(name: str, report: AggregatorReport | None,
     if report is None:
         table.add_row("Starting", "-", "-", "-", "-", "-", f"{time.monotonic() - started:.0f}s")
         return table
-    loss, accuracy = report.metrics.loss, report.metrics.accuracy
     table.add_row(
         report.phase, f"{report.round}/{report.rounds}", str(report.clients_connected),
-        "-" if loss is None else f"{loss:.4f}",
-        "-" if accuracy is None else f"{accuracy:.4f}",
+        _format(report.metrics.loss), _format(report.metrics.accuracy),
         f"{last['duration_seconds']:.2f}" if last else "-",
         f"{time.monotonic() - started:.0f}s")
     return table
 
 
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy of the global model per round, as a PNG."""
+    """Loss and accuracy of the global model per round, as a PNG (gaps where a task has no
+    central evaluation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,10 +187,12 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
     rounds = [entry["round"] for entry in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(rounds, [entry["loss"] for entry in history], marker="o")
+    def values(key: str) -> list[float]:
+        return [float("nan") if entry[key] is None else entry[key] for entry in history]
+
+    loss_axis.plot(rounds, values("loss"), marker="o")
     loss_axis.set(title="global loss", xlabel="round", ylabel="loss")
-    accuracy_axis.plot(rounds, [entry["accuracy"] for entry in history], marker="o",
-                       color="tab:green")
+    accuracy_axis.plot(rounds, values("accuracy"), marker="o", color="tab:green")
     accuracy_axis.set(title="global accuracy", xlabel="round", ylabel="accuracy", ylim=(0, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -221,14 +234,19 @@ def _follow(job: FederatedJob, group: ProcessGroup, aggregator: subprocess.Popen
 
 def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None = None,
               output: Path | None = None, metrics_port: int | None = None,
-              resume: bool = False) -> int:
+              resume: bool = False, data: dict[str, Path] | None = None) -> int:
     """Run the first FederatedJob of ``job_file``; the exit code (130 on Ctrl-C).
 
     With ``resume``, continue from the run folder's last checkpoint (e.g. after Ctrl-C).
+    ``data`` gives sites' data directories (``--data SITE=DIR``).
     """
     try:
         jobs = load_jobs(job_file)
-    except InvalidJobError as error:
+        if clients is not None and jobs[0].spec.sites:
+            raise UnusableOptions([f"--clients sets clients.replicas, which a job with sites "
+                                   f"does not use: change sites[].replicas in {job_file}"])
+        data_dirs = site_data_dirs(jobs[0], data or {})
+    except (InvalidJobError, UnusableOptions) as error:
         for problem in error.problems:
             console.print(f"[red]✗[/red] {escape(str(problem))}", soft_wrap=True)
         return 1
@@ -246,9 +264,13 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
         cleanup.callback(group.stop)
         try:
             aggregator = group.start("aggregator", "aggregator", "--config", str(config))
-            for index in range(job.spec.clients.replicas):
-                group.start(f"client-{index}", "client", "--config", str(config),
-                            "--index", str(index))
+            for slot in job.spec.client_slots():
+                site = slot.site
+                name = f"client-{slot.index}" if site is None else \
+                    f"{site.name}-{slot.site_index}"
+                data_dir = [] if site is None else ["--data-dir", str(data_dirs[site.name])]
+                group.start(name, "client", "--config", str(config), "--index", str(slot.index),
+                            *data_dir)
             _follow(job, group, aggregator, folder / "history.json")
             failure = group.first_failure()
             if failure is None:  # told the job is over, the clients exit on their own
@@ -266,6 +288,27 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
     plot_history(history, folder / "history.png")
     last = history[-1]
     console.print(f"[green]✓[/green] {job.metadata.name}: {len(history)} rounds, "
-                  f"loss {last['loss']:.4f}, accuracy {last['accuracy']:.4f}; "
+                  f"loss {_format(last['loss'])}, accuracy {_format(last['accuracy'])}; "
                   f"model, history.json and history.png in {folder}")
     return 0
+
+
+def site_data_dirs(job: FederatedJob, data: dict[str, Path]) -> dict[str, Path]:
+    """Each site's data directory on this machine: ``--data SITE=DIR``, else the path of the
+    site's hostPath volume. Raises :class:`UnusableOptions` naming each site with neither."""
+    unknown = sorted(set(data) - {site.name for site in job.spec.sites})
+    problems = [f"--data {name}=...: the job has no site {name!r}" for name in unknown]
+    dirs = {}
+    for site in job.spec.sites:
+        host_path = (site.data.volume.get("hostPath") or {}).get("path")
+        chosen = data.get(site.name) or (Path(host_path) if host_path else None)
+        if chosen is None:
+            problems.append(f"site {site.name!r}: its data volume is not a hostPath: give its "
+                            f"directory here with --data {site.name}=DIR")
+        elif not chosen.is_dir():
+            problems.append(f"site {site.name!r}: data directory {chosen} does not exist")
+        else:
+            dirs[site.name] = chosen
+    if problems:
+        raise UnusableOptions(problems)
+    return dirs

@@ -42,7 +42,8 @@ def test_schema_is_structural() -> None:
 
 def test_unknown_fields_are_preserved_only_in_free_form_objects() -> None:
     preserved = {p for p, node in walk(SCHEMA) if node.get("x-kubernetes-preserve-unknown-fields")}
-    assert preserved == {".spec.task.config", ".spec.scheduling.affinity"}
+    assert preserved == {".spec.task.config", ".spec.scheduling.affinity",
+                         ".spec.sites[].affinity", ".spec.sites[].data.volume"}
 
 
 def test_names_columns_and_subresources() -> None:
@@ -155,7 +156,12 @@ def _rule_fields() -> st.SearchStrategy[dict[str, Any]]:
         "limits": st.dictionaries(st.just("nvidia.com/gpu"), gpu, max_size=1),
         "requests": st.dictionaries(st.just("nvidia.com/gpu"), gpu, max_size=1),
     })
+    site = st.fixed_dictionaries({
+        "name": st.sampled_from(["ward-a", "ward-b", "lab"]),
+        "data": st.just({"volume": {"persistentVolumeClaim": {"claimName": "data"}}}),
+    }, optional={"replicas": st.integers(1, 4)})
     return st.fixed_dictionaries({
+        "sites": st.lists(site, max_size=4),
         "strategy": st.fixed_dictionaries({
             "name": st.sampled_from(["fedavg", "krum", "multikrum", "trimmedmean"]),
             "minClients": st.integers(1, 12),

@@ -8,7 +8,7 @@ import torch
 
 from fedkube.api import PartitioningSpec
 from fedkube.federation.strategies import build_strategy
-from fedkube.tasks.base import ConfigurationError, Task, load_task
+from fedkube.tasks.base import ClientContext, ConfigurationError, Task, load_task
 from fedkube.tasks.digits import DigitsTask, task
 from fedkube.tasks.partition import partition
 
@@ -20,7 +20,7 @@ NON_IID = PartitioningSpec(scheme="dirichlet", alpha=0.5, seed=0)
 def federate(strategy_name: str, config, clients: int, rounds: int, spec, **params) -> float:
     torch.set_num_threads(1)
     global_model = task.model(config)
-    data = [task.client_data(i, clients, spec, config) for i in range(clients)]
+    data = [task.client_data(ClientContext(i, clients, spec), config) for i in range(clients)]
     strategy = build_strategy(strategy_name, **params)
     for _ in range(rounds):
         agg = strategy.new_round(global_model.state_dict(), clients)
@@ -53,7 +53,7 @@ def test_model_init_is_deterministic_by_seed():
 def test_train_reports_examples_and_moves_weights():
     model = task.model({})
     before = model.state_dict()["0.weight"].clone()
-    data = task.client_data(0, 4, PartitioningSpec(), {})
+    data = task.client_data(ClientContext(0, 4, PartitioningSpec()), {})
     result = task.train(model, data, {}, device=CPU)
     assert result.num_examples == len(data) > 0
     assert result.metrics["loss"] > 0

@@ -17,6 +17,7 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 LABEL_JOB: Final = f"{GROUP}/job"
 LABEL_ROLE: Final = f"{GROUP}/role"
 LABEL_CLIENT_INDEX: Final = f"{GROUP}/client-index"
+LABEL_SITE: Final = f"{GROUP}/site"
 
 ROLE_AGGREGATOR: Final = "aggregator"
 ROLE_CLIENT: Final = "client"

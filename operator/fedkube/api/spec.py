@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
@@ -223,6 +224,52 @@ class ClientsSpec(RoleSpec):
     """Client data settings."""
 
 
+#: A DNS-1035 label, as Kubernetes names and label values need.
+SITE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+#: Where a site's data volume is mounted in its client pods unless ``data.mountPath`` says.
+SITE_DATA_MOUNT_PATH = "/var/lib/fedkube/site-data"
+
+
+class SiteDataSpec(ApiModel):
+    """A site's own data: a volume mounted read-only into the site's client pods, never
+    copied anywhere else."""
+
+    volume: FreeForm
+    """A Kubernetes volume source, e.g. ``{persistentVolumeClaim: {claimName: ward-a}}``,
+    ``{hostPath: {path: /srv/data}}`` or a CSI volume. ``fedkube run`` reads a hostPath's
+    path directly; other sources need ``fedkube run --data SITE=DIR``."""
+
+    mount_path: str = Field(default=SITE_DATA_MOUNT_PATH, pattern=r"^/.*", max_length=256)
+    """Where the volume appears in the client pods: the task's ``data_dir``."""
+
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment variables of the site's clients (e.g. a file pattern or a region)."""
+
+
+class SiteSpec(ApiModel):
+    """A member of the federation: its identity, its own data and its own placement."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=SITE_NAME_PATTERN)
+    """The site's name: its identity, a label on its pods (``fedkube.io/site``) and part of
+    their names."""
+
+    replicas: int = Field(default=1, ge=1, le=100)
+    """Client pods of this site; they share the site's data (each task decides how)."""
+
+    data: SiteDataSpec
+    """The site's data volume and environment."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the site's pods must match (e.g. the site's own node pool); replaces
+    ``scheduling.nodeSelector`` for this site."""
+
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    """Taints the site's pods tolerate, added to ``scheduling.tolerations``."""
+
+    affinity: FreeForm | None = None
+    """A Kubernetes ``Affinity`` for the site's pods; replaces ``scheduling.affinity``."""
+
+
 class PrivacySpec(ApiModel):
     """Central differential privacy applied by the aggregator to each update."""
 
@@ -308,6 +355,15 @@ class SecuritySpec(ApiModel):
     aggregator."""
 
 
+@dataclass(frozen=True)
+class ClientSlot:
+    """One client of a job: its index among all clients, its site, its index there."""
+
+    index: int
+    site: SiteSpec | None
+    site_index: int
+
+
 class FederatedJobSpec(ApiModel):
     """A federated training job: what to train, how to aggregate, where to run."""
 
@@ -324,7 +380,12 @@ class FederatedJobSpec(ApiModel):
     """The aggregator pod."""
 
     clients: ClientsSpec = Field(default_factory=ClientsSpec)
-    """The client pods."""
+    """The client pods: image, resources and env of every client; ``replicas`` counts them
+    in a job without sites (a simulation that splits one dataset)."""
+
+    sites: list[SiteSpec] = Field(default_factory=list, max_length=100)
+    """The members of a real federation, each with its own data and placement. When given,
+    each site runs ``replicas`` clients and ``clients.replicas`` is not used."""
 
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     """Central differential privacy."""
@@ -341,15 +402,50 @@ class FederatedJobSpec(ApiModel):
     security: SecuritySpec = Field(default_factory=SecuritySpec)
     """Pod security and network isolation."""
 
+    @property
+    def num_clients(self) -> int:
+        """Clients of the job: every site's replicas, or ``clients.replicas`` without sites."""
+        return sum(site.replicas for site in self.sites) if self.sites else self.clients.replicas
+
+    def client_slots(self) -> list[ClientSlot]:
+        """Every client of the job in index order: its site (if any) and its place there."""
+        if not self.sites:
+            return [ClientSlot(index, None, index) for index in range(self.clients.replicas)]
+        slots: list[ClientSlot] = []
+        for site in self.sites:
+            slots += [ClientSlot(len(slots) + i, site, i) for i in range(site.replicas)]
+        return slots
+
     rules = (
         Rule(
-            cel="self.strategy.minClients <= self.clients.replicas",
+            cel=(
+                "(has(self.sites) && self.sites.size() > 0) || "
+                "self.strategy.minClients <= self.clients.replicas"
+            ),
             message=(
                 "strategy.minClients exceeds clients.replicas, so no round could complete: "
                 "lower strategy.minClients or raise clients.replicas"
             ),
-            check=lambda s: s.strategy.min_clients <= s.clients.replicas,
+            check=lambda s: bool(s.sites) or s.strategy.min_clients <= s.clients.replicas,
             field_path=".strategy.minClients",
+        ),
+        Rule(
+            cel=(
+                "!has(self.sites) || self.sites.size() == 0 || "
+                "self.strategy.minClients <= self.sites.map(s, s.replicas).sum()"
+            ),
+            message=(
+                "strategy.minClients exceeds the clients of all sites together, so no round "
+                "could complete: lower strategy.minClients or raise sites[].replicas"
+            ),
+            check=lambda s: not s.sites or s.strategy.min_clients <= s.num_clients,
+            field_path=".strategy.minClients",
+        ),
+        Rule(
+            cel="!has(self.sites) || self.sites.all(a, self.sites.exists_one(b, b.name == a.name))",
+            message="two sites have the same name: each site's name is its identity",
+            check=lambda s: len({site.name for site in s.sites}) == len(s.sites),
+            field_path=".sites",
         ),
         Rule(
             cel="self.privacy.noiseMultiplier == 0.0 || has(self.privacy.clipNorm)",

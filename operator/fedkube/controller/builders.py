@@ -2,8 +2,8 @@
 
 Nothing here talks to a cluster. ``fedkube render`` prints exactly what these return, and the
 reconcile compares what exists with what they return, so both stay the same by construction.
-Names are deterministic (``<job>-aggregator``, ``<job>-client-<i>``): creating one twice is a
-409 AlreadyExists, never a duplicate.
+Names are deterministic (``<job>-aggregator``, ``<job>-client-<i>``, or ``<job>-<site>-<i>``
+for the clients of a site): creating one twice is a 409 AlreadyExists, never a duplicate.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from fedkube import __version__
-from fedkube.api import API_VERSION, KIND, FederatedJob
+from fedkube.api import API_VERSION, KIND, ClientSlot, FederatedJob
 from fedkube.api.constants import (
     LABEL_CLIENT_INDEX,
     LABEL_JOB,
     LABEL_ROLE,
+    LABEL_SITE,
     ROLE_AGGREGATOR,
     ROLE_CLIENT,
 )
@@ -36,6 +37,8 @@ LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
 PODGROUP_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
 #: Namespaces carrying this label (e.g. Prometheus') may scrape aggregators.
 LABEL_MONITORING_NAMESPACE = "fedkube.io/monitoring"
+#: Environment variable naming a site's client's site.
+ENV_SITE = "FEDKUBE_SITE"
 #: Labels of the operator's pods, which poll the aggregator's /status.
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "fedkube",
                        "app.kubernetes.io/component": "operator"}
@@ -54,8 +57,10 @@ def aggregator_name(job: str) -> str:
     return f"{job}-aggregator"
 
 
-def client_name(job: str, index: int) -> str:
-    return f"{job}-client-{index}"
+def client_name(job: str, slot: ClientSlot) -> str:
+    if slot.site is None:
+        return f"{job}-client-{slot.index}"
+    return f"{job}-{slot.site.name}-{slot.site_index}"
 
 
 def podgroup_name(job: str) -> str:
@@ -157,9 +162,10 @@ def _volume_dir(path: str) -> str:
 
 
 def _pod(job: FederatedJob, name: str, role: str, args: list[str],
-         extra_labels: dict[str, str]) -> Manifest:
+         extra_labels: dict[str, str], slot: ClientSlot | None = None) -> Manifest:
     spec, sec, sched = job.spec, job.spec.security, job.spec.scheduling
     role_spec = spec.aggregator if role == ROLE_AGGREGATOR else spec.clients
+    site = slot.site if slot is not None else None
     pod_labels = dict(extra_labels)
     if sched.gang:
         pod_labels[LABEL_POD_GROUP] = podgroup_name(job.name)
@@ -204,6 +210,13 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         volumes.append({"name": "state", **({"emptyDir": {}} if claim is None else
                                             {"persistentVolumeClaim": {"claimName": claim}})})
         mounts.append({"name": "state", "mountPath": STATE_DIR})
+    if site is not None:
+        # The site's own data: read-only, and only in its own clients' pods.
+        volumes.append({"name": "site-data", **site.data.volume})
+        mounts.append({"name": "site-data", "mountPath": site.data.mount_path,
+                       "readOnly": True})
+        container["env"] += [{"name": ENV_SITE, "value": site.name},
+                             *(_dump(e) for e in site.data.env)]
     pod_spec: Manifest = {
         "restartPolicy": "Never",  # the operator recreates failed pods and counts restarts
         "automountServiceAccountToken": False,
@@ -214,12 +227,16 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         "containers": [container],
         "volumes": volumes,
     }
-    if sched.node_selector:
-        pod_spec["nodeSelector"] = dict(sched.node_selector)
-    if sched.tolerations:
-        pod_spec["tolerations"] = [_dump(t) for t in sched.tolerations]
-    if sched.affinity:
-        pod_spec["affinity"] = sched.affinity
+    # A site's placement replaces the job's node selector and affinity, and adds tolerations.
+    node_selector = (site.node_selector if site and site.node_selector else sched.node_selector)
+    tolerations = [*sched.tolerations, *(site.tolerations if site else [])]
+    affinity = site.affinity if site and site.affinity else sched.affinity
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = [_dump(t) for t in tolerations]
+    if affinity:
+        pod_spec["affinity"] = affinity
     if sched.priority_class_name:
         pod_spec["priorityClassName"] = sched.priority_class_name
     if sched.scheduler_name:
@@ -234,9 +251,14 @@ def aggregator_pod(job: FederatedJob) -> Manifest:
 
 
 def client_pod(job: FederatedJob, index: int) -> Manifest:
-    return _pod(job, client_name(job.name, index), ROLE_CLIENT,
-                ["client", "--config", CONFIG_MOUNT_PATH, "--index", str(index)],
-                {LABEL_CLIENT_INDEX: str(index)})
+    """Client ``index`` (among all the job's clients): a site's client when the job has
+    sites."""
+    slot = job.spec.client_slots()[index]
+    extra = {LABEL_CLIENT_INDEX: str(index)}
+    if slot.site is not None:
+        extra[LABEL_SITE] = slot.site.name
+    return _pod(job, client_name(job.name, slot), ROLE_CLIENT,
+                ["client", "--config", CONFIG_MOUNT_PATH, "--index", str(index)], extra, slot)
 
 
 def network_policy(job: FederatedJob) -> Manifest:
@@ -284,7 +306,12 @@ def state_claim(job: FederatedJob) -> Manifest:
 
 
 def client_pods(job: FederatedJob) -> list[Manifest]:
-    return [client_pod(job, i) for i in range(job.spec.clients.replicas)]
+    return [client_pod(job, i) for i in range(job.spec.num_clients)]
+
+
+def pods(job: FederatedJob) -> list[Manifest]:
+    """Every pod the job needs: the aggregator, then the clients in index order."""
+    return [aggregator_pod(job), *client_pods(job)]
 
 
 def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
@@ -301,4 +328,4 @@ def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
 
 def all_objects(job: FederatedJob, token: str) -> list[Manifest]:
     """What the operator creates for a fresh job (``fedkube render``)."""
-    return [*support_objects(job, token), aggregator_pod(job), *client_pods(job)]
+    return [*support_objects(job, token), *pods(job)]

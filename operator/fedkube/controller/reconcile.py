@@ -207,10 +207,8 @@ class _Reconciler:
         self.decision.actions.append(Delete("Pod", name))
         self.pods.pop(name, None)
 
-    def desired_pod_names(self) -> list[str]:
-        name = self.job.name
-        return [builders.aggregator_name(name),
-                *(builders.client_name(name, i) for i in range(self.spec.clients.replicas))]
+    def desired_pods(self) -> dict[str, Manifest]:
+        return {pod["metadata"]["name"]: pod for pod in builders.pods(self.job)}
 
     # --- steps ---------------------------------------------------------------------------
     def run(self) -> Decision:
@@ -358,11 +356,11 @@ class _Reconciler:
         return False
 
     def scale_down(self) -> None:
-        desired = set(self.desired_pod_names())
+        desired = set(self.desired_pods())
         for name in sorted(set(self.pods) - desired):
             self.delete_pod(name)
             self.event("Normal", "ScaledDown",
-                       f"deleted {name}: clients.replicas is {self.spec.clients.replicas}")
+                       f"deleted {name}: the job now has {self.spec.num_clients} clients")
 
     def create_missing(self) -> None:
         job = self.job
@@ -374,12 +372,8 @@ class _Reconciler:
             if manifest["kind"] == "Secret":
                 manifest = builders.secret(job, self.new_token())
             self.decision.actions.append(Create(manifest))
-        missing = [n for n in self.desired_pod_names() if n not in self.pods]
-        for name in missing:
-            if name == builders.aggregator_name(job.name):
-                pod = builders.aggregator_pod(job)
-            else:
-                pod = builders.client_pod(job, int(name.rsplit("-", 1)[1]))
+        missing = [pod for name, pod in self.desired_pods().items() if name not in self.pods]
+        for pod in missing:
             self.decision.actions.append(Create(pod))
         if self.status.start_time is None and missing:
             self.decision.created = True
@@ -395,7 +389,7 @@ class _Reconciler:
             self.condition(ConditionType.RUNNING, True, "AggregatorRunning",
                            "the aggregator is running", "Normal")
         restarting = self.status.condition(ConditionType.RESTARTING)
-        expected = self.desired_pod_names()
+        expected = self.desired_pods()
         if restarting is not None and restarting.status == "True" and \
                 all(pod_phase(self.pods.get(n, {})) == "Running" for n in expected):
             self.condition(ConditionType.RESTARTING, False, "AllPodsRunning",
@@ -415,7 +409,7 @@ class _Reconciler:
         def clients(pods: Iterable[Manifest]) -> list[str]:
             return [pod_phase(p) for p in pods
                     if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_CLIENT]
-        self.update_clients(desired=self.spec.clients.replicas,
+        self.update_clients(desired=self.spec.num_clients,
                             ready=clients(self.pods.values()).count("Running"),
                             failed=clients(self.observed.pods).count("Failed"))
 

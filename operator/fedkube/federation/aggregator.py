@@ -336,7 +336,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         strategy_spec = self.spec.strategy
         grace = min(JOIN_GRACE_SECONDS, strategy_spec.round_timeout_seconds) if first else 0.0
         connected = self._wait_for_clients(strategy_spec.min_clients,
-                                           self.spec.clients.replicas, grace)
+                                           self.spec.num_clients, grace)
         state = self._open_round(number, connected, attempt)
         deadline = time.monotonic() + strategy_spec.round_timeout_seconds
         with self._cond:
@@ -350,9 +350,13 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             state.closed = True
         return state
 
-    def _evaluate(self) -> tuple[float, float]:
+    def _evaluate(self) -> tuple[float | None, float | None]:
+        """The task's central evaluation of the global model; (None, None) when the task has
+        no central test set (its data stays at the sites)."""
         self.model.load_state_dict(self.global_state)
         result = self.task.evaluate(self.model, self.spec.task.config, device=self.device)
+        if result is None:
+            return None, None
         return float(result.loss), float(result.accuracy)
 
     def _complete_round(self, state: RoundState, started: float) -> None:
@@ -372,11 +376,12 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             self.completed = state.number
         self.metrics.round.set(state.number)
         self.metrics.round_duration.observe(duration)
-        self.metrics.global_loss.set(loss)
-        self.metrics.global_accuracy.set(accuracy)
-        log.info("round %d/%d: loss %.4f accuracy %.4f (%d clients, %d rejected, %.2fs)",
-                 state.number, self.spec.rounds, loss, accuracy, state.accepted,
-                 state.rejected, duration)
+        if loss is not None and accuracy is not None:
+            self.metrics.global_loss.set(loss)
+            self.metrics.global_accuracy.set(accuracy)
+        log.info("round %d/%d: loss %s accuracy %s (%d clients, %d rejected, %.2fs)",
+                 state.number, self.spec.rounds, _format(loss), _format(accuracy),
+                 state.accepted, state.rejected, duration)
         every = self.spec.aggregator.checkpoint.every_rounds
         if state.number % every == 0 or state.number == self.spec.rounds:
             checkpoint.save(self.config.checkpoint_dir, checkpoint.Checkpoint(
@@ -495,12 +500,16 @@ class _HttpHandler(BaseHTTPRequestHandler):
         """Scrapes every few seconds would drown the log."""
 
 
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def serve(config: RuntimeConfig) -> int:
     """Run the aggregator of ``config`` with its gRPC and HTTP servers; the exit code."""
     aggregator = Aggregator(config)
     spec = config.spec
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * spec.clients.replicas + 16),
+        futures.ThreadPoolExecutor(max_workers=2 * spec.num_clients + 16),
         options=protocol.channel_options(spec.transport.chunk_bytes))
     pb_grpc.add_FederationServicer_to_server(aggregator, server)
     server.add_insecure_port(f"{config.bind_address}:{spec.aggregator.port}")

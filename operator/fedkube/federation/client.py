@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import torch
@@ -21,7 +22,7 @@ from fedkube.federation import protocol, transport
 from fedkube.federation.aggregator import read_token, select_device
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
-from fedkube.tasks.base import load_task
+from fedkube.tasks.base import ClientContext, load_task
 
 log = logging.getLogger("fedkube.client")
 
@@ -38,9 +39,10 @@ class CredentialRefused(ConfigurationError):
 class Client:
     """One client of one job."""
 
-    def __init__(self, config: RuntimeConfig, index: int) -> None:
+    def __init__(self, config: RuntimeConfig, index: int, data_dir: Path | None = None) -> None:
         self.config = config
         self.index = index
+        self.data_dir = data_dir
         self.token = read_token(config)
         self.device = select_device()
         self.channel = grpc.insecure_channel(
@@ -78,8 +80,20 @@ class Client:
         task = load_task(self.spec.task.entrypoint)
         self.task = task
         self._model = task.model(self.spec.task.config).to(self.device)
-        self._data = task.client_data(self.index, self.spec.clients.replicas,
-                                      self.spec.clients.data.partitioning, self.spec.task.config)
+        self._data = task.client_data(self.context(), self.spec.task.config)
+
+    def context(self) -> ClientContext:
+        """Who this client is, from the spec: its site, and the site's data directory (the
+        mounted volume, unless ``--data-dir`` names another)."""
+        slot = self.spec.client_slots()[self.index]
+        site = slot.site
+        data_dir = self.data_dir or (Path(site.data.mount_path) if site is not None else None)
+        return ClientContext(index=self.index, num_clients=self.spec.num_clients,
+                             partitioning=self.spec.clients.data.partitioning,
+                             site=site.name if site is not None else None,
+                             site_index=slot.site_index,
+                             site_replicas=site.replicas if site is not None else 1,
+                             data_dir=data_dir)
 
     def _refused(self, error: grpc.RpcError) -> CredentialRefused:
         return CredentialRefused(
@@ -158,8 +172,11 @@ class Client:
             self.channel.close()
 
 
-def serve(config: RuntimeConfig, index: int) -> int:
-    if not 0 <= index < config.spec.clients.replicas:
-        raise ConfigurationError(f"--index {index} is outside 0..{config.spec.clients.replicas - 1}"
-                                 " (spec.clients.replicas)")
-    return Client(config, index).run()
+def serve(config: RuntimeConfig, index: int, data_dir: Path | None = None) -> int:
+    count = config.spec.num_clients
+    if not 0 <= index < count:
+        what = "the sites' replicas" if config.spec.sites else "spec.clients.replicas"
+        raise ConfigurationError(f"--index {index} is outside 0..{count - 1} ({what})")
+    if data_dir is not None and not data_dir.is_dir():
+        raise ConfigurationError(f"--data-dir {data_dir} is not a directory")
+    return Client(config, index, data_dir).run()

@@ -47,7 +47,7 @@ def run_aggregator(config_path: Path) -> int:
     return _run("aggregator", serve, config_path)
 
 
-def run_client(config_path: Path, index: int) -> int:
+def run_client(config_path: Path, index: int, data_dir: Path | None = None) -> int:
     from fedkube.federation.client import serve
 
-    return _run(f"client-{index}", lambda config: serve(config, index), config_path)
+    return _run(f"client-{index}", lambda config: serve(config, index, data_dir), config_path)

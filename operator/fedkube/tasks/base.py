@@ -11,12 +11,44 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from fedkube.api import PartitioningSpec
 from fedkube.api.runtime import ConfigurationError as ConfigurationError  # for task authors
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """Who a client is and where its data lives: what a task needs to load that client's data.
+
+    In a job with ``spec.sites`` each client belongs to a site and reads the site's own files
+    from ``data_dir`` (the site's volume, mounted read-only); without sites (simulations,
+    benchmarks) a task splits a dataset of its own among ``num_clients`` by ``partitioning``.
+    """
+
+    index: int
+    """This client among all the job's clients, ``0 .. num_clients - 1``."""
+
+    num_clients: int
+    """Clients in the job (all sites together)."""
+
+    partitioning: PartitioningSpec
+    """How a task that splits one dataset among the clients should split it."""
+
+    site: str | None = None
+    """The site's name (its identity); None in a job without sites."""
+
+    site_index: int = 0
+    """This client among its site's clients, ``0 .. site_replicas - 1``."""
+
+    site_replicas: int = 1
+    """Clients of this site (they may share the site's files, e.g. by shard)."""
+
+    data_dir: Path | None = None
+    """The site's data directory; None in a job without sites."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +64,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """The global model's quality on the task's held-out test set."""
+    """A model's quality on held-out data: the task's test set, or a client's validation
+    split."""
 
     loss: float
     accuracy: float
@@ -47,14 +80,8 @@ class Task(Protocol):
         """A freshly initialised model, the same for the same ``config["seed"]`` (default 0)."""
         ...
 
-    def client_data(
-        self,
-        index: int,
-        num_clients: int,
-        partitioning: PartitioningSpec,
-        config: Mapping[str, Any],
-    ) -> Any:
-        """Client ``index``'s share of the training data; opaque to the runtime."""
+    def client_data(self, client: ClientContext, config: Mapping[str, Any]) -> Any:
+        """The client's training (and validation) data; opaque to the runtime."""
         ...
 
     def train(
@@ -75,8 +102,9 @@ class Task(Protocol):
 
     def evaluate(
         self, model: torch.nn.Module, config: Mapping[str, Any], *, device: torch.device
-    ) -> EvalResult:
-        """Loss and accuracy of ``model`` on the task's held-out test set."""
+    ) -> EvalResult | None:
+        """Loss and accuracy of ``model`` on the task's central test set, on the aggregator;
+        None when the task has none (the data stays at the sites)."""
         ...
 
 

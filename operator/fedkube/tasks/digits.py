@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkube.api import PartitioningSpec
-from fedkube.tasks.base import ConfigurationError, EvalResult, TrainResult
+from fedkube.tasks.base import ClientContext, ConfigurationError, EvalResult, TrainResult
 from fedkube.tasks.partition import partition
 
 TEST_FRACTION = 0.2
@@ -107,18 +106,15 @@ class DigitsTask:
                 nn.Linear(64, settings.hidden), nn.ReLU(), nn.Linear(settings.hidden, 10)
             )
 
-    def client_data(
-        self,
-        index: int,
-        num_clients: int,
-        partitioning: PartitioningSpec,
-        config: Mapping[str, Any],
-    ) -> ClientData:
+    def client_data(self, client: ClientContext, config: Mapping[str, Any]) -> ClientData:
+        """The client's part of the bundled training set, split by ``client.partitioning``
+        (the digits are bundled: a site's ``data_dir`` is not read)."""
+        index, num_clients = client.index, client.num_clients
         if not 0 <= index < num_clients:
             raise ValueError(f"client index {index} is outside 0..{num_clients - 1}")
         settings = DigitsConfig.of(config)
         features, labels, _, _ = _split(settings.seed)
-        mine = torch.from_numpy(partition(labels.numpy(), num_clients, partitioning)[index])
+        mine = torch.from_numpy(partition(labels.numpy(), num_clients, client.partitioning)[index])
         shuffle = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
         return ClientData(features[mine], labels[mine], shuffle)
 
