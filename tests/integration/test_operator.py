@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from emulator import (
     Cluster,
@@ -24,6 +26,7 @@ from fedkube.controller.handlers import Controller
 from fedkube.controller.metrics import OperatorMetrics
 
 pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[2]
 SPEC: dict[str, Any] = {"rounds": 3, "clients": {"replicas": 3}, "strategy": {"minClients": 2},
                         "aggregator": {"metricsPort": 9090}}
 
@@ -252,6 +255,33 @@ async def test_job_deleted_children_go(env: Any) -> None:
                          what="the passes for the deleted children to finish")
         assert await cluster.pods("gone") == {}
         assert await cluster.list("configmaps", "gone") == []
+
+
+async def test_sites_get_their_own_pods_volumes_and_placement(env: Any) -> None:
+    emulator, cluster, status, metrics, url = env
+    sample = yaml.safe_load((ROOT / "crds" / "samples" / "sites.yaml").read_text())
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("diagnosis", sample["spec"])
+        pods = await wait_until(lambda: _len_at_least(cluster.pods("diagnosis"), 4),
+                                what="the aggregator and one pod per site")
+        assert set(pods) == {"diagnosis-aggregator", "diagnosis-north-0", "diagnosis-south-0",
+                             "diagnosis-lab-0"}
+        north = pods["diagnosis-north-0"]
+        assert north["metadata"]["labels"]["fedkube.io/site"] == "north"
+        assert north["spec"]["nodeSelector"] == {"topology.kubernetes.io/zone": "north-1"}
+        volume = next(v for v in north["spec"]["volumes"] if v["name"] == "site-data")
+        assert volume["persistentVolumeClaim"]["claimName"] == "north-records"
+        job = await wait_until(lambda: _with_phase(cluster, "diagnosis", "Pending"),
+                               what="status Pending")
+        assert job["status"]["clients"]["desired"] == 3
+
+        await run_pods(cluster, "diagnosis")
+        await cluster.set_pod_status("diagnosis-south-0", {"phase": "Failed"})
+        await wait_until(lambda: _phase_of(cluster, "diagnosis", "diagnosis-south-0", "Pending"),
+                         what="the south site's client recreated")
+        south = (await cluster.pods("diagnosis"))["diagnosis-south-0"]
+        assert south["metadata"]["labels"]["fedkube.io/site"] == "south"
+        assert any("csi" in v for v in south["spec"]["volumes"])
 
 
 async def test_hundred_jobs_all_reconciled(env: Any) -> None:

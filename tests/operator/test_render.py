@@ -71,3 +71,36 @@ def test_checkpoints_and_the_final_model_share_the_jobs_claim(rendered: list[dic
     assert _state_volume(rendered, "digits-gpu")["persistentVolumeClaim"] == {
         "claimName": "digits-gpu-checkpoints"}
     assert _state_volume(rendered, "digits")["emptyDir"] == {}
+
+
+def test_each_site_mounts_only_its_own_data_read_only(rendered: list[dict]) -> None:
+    """crds/samples/sites.yaml: a site's volume, env and placement reach its pods alone."""
+    pods = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "Pod"
+            and o["metadata"]["labels"].get("fedkube.io/job") == "diagnosis"}
+    assert sorted(pods) == ["diagnosis-aggregator", "diagnosis-lab-0", "diagnosis-north-0",
+                            "diagnosis-south-0"]
+    sources = {}
+    for name, pod in pods.items():
+        spec = pod["spec"]
+        volumes = [v for v in spec["volumes"] if v["name"] == "site-data"]
+        if name == "diagnosis-aggregator":
+            assert volumes == [], "the aggregator holds no site's data"
+            continue
+        site = pod["metadata"]["labels"]["fedkube.io/site"]
+        assert name == f"diagnosis-{site}-0"
+        (volume,) = volumes
+        sources[site] = {k: v for k, v in volume.items() if k != "name"}
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "site-data"]
+        assert mount["readOnly"] is True
+        env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+        assert env["FEDKUBE_SITE"] == site
+    assert sources["north"] == {"persistentVolumeClaim": {"claimName": "north-records",
+                                                          "readOnly": True}}
+    assert set(sources["south"]) == {"csi"} and set(sources["lab"]) == {"hostPath"}
+    assert pods["diagnosis-north-0"]["spec"]["nodeSelector"] == {
+        "topology.kubernetes.io/zone": "north-1"}
+    assert pods["diagnosis-south-0"]["spec"]["tolerations"][0]["value"] == "south"
+    assert "nodeSelector" not in pods["diagnosis-south-0"]["spec"]
+    mount_path = next(m["mountPath"] for m in pods["diagnosis-lab-0"]["spec"]["containers"][0][
+        "volumeMounts"] if m["name"] == "site-data")
+    assert mount_path == "/data"

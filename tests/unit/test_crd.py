@@ -158,7 +158,9 @@ def _rule_fields() -> st.SearchStrategy[dict[str, Any]]:
     })
     site = st.fixed_dictionaries({
         "name": st.sampled_from(["ward-a", "ward-b", "lab"]),
-        "data": st.just({"volume": {"persistentVolumeClaim": {"claimName": "data"}}}),
+        "data": st.fixed_dictionaries({"volume": st.sampled_from([
+            {"persistentVolumeClaim": {"claimName": "data"}}, {},
+            {"name": "data", "hostPath": {"path": "/srv"}}])}),
     }, optional={"replicas": st.integers(1, 4)})
     return st.fixed_dictionaries({
         "sites": st.lists(site, max_size=4),

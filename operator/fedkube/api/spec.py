@@ -245,6 +245,18 @@ class SiteDataSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     """Extra environment variables of the site's clients (e.g. a file pattern or a region)."""
 
+    rules = (
+        Rule(
+            cel="self.volume.size() == 1 && !('name' in self.volume)",
+            message=(
+                "data.volume is one Kubernetes volume source without a name, e.g. "
+                "{persistentVolumeClaim: {claimName: records}} or {hostPath: {path: /srv/data}}"
+            ),
+            check=lambda d: len(d.volume) == 1 and "name" not in d.volume,
+            field_path=".volume",
+        ),
+    )
+
 
 class SiteSpec(ApiModel):
     """A member of the federation: its identity, its own data and its own placement."""
