@@ -121,6 +121,24 @@ class StrategySpec(ApiModel):
     )
 
 
+class EvaluationSpec(ApiModel):
+    """How the global model is evaluated after a round: centrally on the aggregator (a task's
+    test set), or federated, by the sites on their own validation data."""
+
+    mode: Literal["auto", "central", "federated", "both"] = "auto"
+    """``central``: the task's test set, on the aggregator. ``federated``: sampled clients
+    evaluate the new global model on their own validation data and the aggregator combines
+    their reports, weighted by examples (the data never leaves the sites). ``both``: the two,
+    the job's metrics being the central ones. ``auto``: central when the task has a central
+    test set, else federated."""
+
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Fraction of connected clients sampled to evaluate (at least one)."""
+
+    every_rounds: int = Field(default=1, ge=1, le=10000)
+    """Evaluate federated after every N rounds; the last round is always evaluated."""
+
+
 class CheckpointSpec(ApiModel):
     """Where the aggregator keeps its per-round checkpoint (model, strategy state, history) and
     the final model."""
@@ -387,6 +405,9 @@ class FederatedJobSpec(ApiModel):
 
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     """Aggregation strategy and round settings."""
+
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Central and federated evaluation of the global model."""
 
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     """The aggregator pod."""

@@ -41,7 +41,7 @@ from fedkube.federation.metrics import AggregatorMetrics
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
-from fedkube.tasks.base import load_task
+from fedkube.tasks.base import Validator, load_task
 
 log = logging.getLogger("fedkube.aggregator")
 
@@ -116,6 +116,30 @@ class RoundState:
     closed: bool = False
 
 
+@dataclass
+class EvaluationRound:
+    """Federated evaluation of one round's global model by sampled clients."""
+
+    number: int
+    sampled: set[str]
+    metas: list[transport.TensorMeta]
+    wire: dict[str, torch.Tensor]
+    dispatched: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    examples: int = 0
+    loss_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    closed: bool = False
+
+    def result(self) -> dict[str, float | int] | None:
+        """Example-weighted loss and accuracy over the reports; None without any."""
+        if self.examples == 0:
+            return None
+        return {"loss": self.loss_sum / self.examples,
+                "accuracy": self.accuracy_sum / self.examples,
+                "examples": self.examples, "clients": len(self.answered)}
+
+
 class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped generated base
     """One job's aggregator; :meth:`run` returns the process exit code."""
 
@@ -137,6 +161,9 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         self.message = ""
         self.clients: dict[str, ClientInfo] = {}
         self.current: RoundState | None = None
+        self.evaluating: EvaluationRound | None = None
+        self.central_test_set: bool | None = None
+        """Whether the task has a central test set; known after its first evaluate."""
         self.finished = False
         self.told_finished: set[str] = set()
         self._cond = threading.Condition()
@@ -144,6 +171,12 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         self._buffer: dict[str, torch.Tensor] | None = None
         self._send_slots = threading.BoundedSemaphore(MAX_CONCURRENT_SENDS)
         self.metrics.rounds_total.set(self.spec.rounds)
+        federated = self.spec.evaluation.mode in ("federated", "both")
+        if federated and not isinstance(self.task, Validator):
+            raise ConfigurationError(
+                f"spec.evaluation.mode is {self.spec.evaluation.mode}, but the task "
+                f"{self.spec.task.entrypoint} has no validate(model, data, config, device) "
+                "for the clients to evaluate with: use mode central, or give the task one")
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -194,20 +227,21 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         return pb.JoinReply(client_id=client_id,
                             spec_json=self.spec.model_dump_json(by_alias=True))
 
-    def _next_assignment(self, client_id: str, deadline: float,
-                         context: grpc.ServicerContext) -> RoundState | None:
-        """The round this client should train now, or None (finished, or nothing yet)."""
+    def _next_assignment(self, client_id: str, deadline: float, context: grpc.ServicerContext,
+                         ) -> RoundState | EvaluationRound | None:
+        """The round this client should train, or the model it should evaluate, now; None
+        when finished or nothing is due yet."""
         with self._cond:
             while True:
                 if self.finished:
                     self.told_finished.add(client_id)
                     self._cond.notify_all()
                     return None
-                state = self.current
-                if (state is not None and not state.closed and client_id in state.sampled
-                        and client_id not in state.dispatched):
-                    state.dispatched.add(client_id)
-                    return state
+                for state in (self.current, self.evaluating):
+                    if (state is not None and not state.closed and client_id in state.sampled
+                            and client_id not in state.dispatched):
+                        state.dispatched.add(client_id)
+                        return state
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not context.is_active():
                     return None
@@ -222,9 +256,14 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             action = pb.TaskHeader.FINISHED if self.finished else pb.TaskHeader.WAIT
             yield pb.TaskChunk(header=pb.TaskHeader(action=action))
             return
-        yield pb.TaskChunk(header=pb.TaskHeader(
-            action=pb.TaskHeader.TRAIN, round=state.number,
-            proximal_mu=self.strategy.proximal_mu, tensors=protocol.to_specs(state.metas)))
+        if isinstance(state, EvaluationRound):
+            header = pb.TaskHeader(action=pb.TaskHeader.EVALUATE, round=state.number,
+                                   tensors=protocol.to_specs(state.metas))
+        else:
+            header = pb.TaskHeader(action=pb.TaskHeader.TRAIN, round=state.number,
+                                   proximal_mu=self.strategy.proximal_mu,
+                                   tensors=protocol.to_specs(state.metas))
+        yield pb.TaskChunk(header=header)
         with self._send_slots:
             for data in transport.iter_chunks(state.wire, self.spec.transport.chunk_bytes):
                 self.metrics.model_bytes.inc(len(data))
@@ -264,6 +303,29 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             return pb.PushUpdateReply(status=pb.PushUpdateReply.REJECTED, reason=reason)
         self.metrics.updates["accepted"].inc()
         return pb.PushUpdateReply(status=pb.PushUpdateReply.ACCEPTED)
+
+    def PushEvaluation(self, request: pb.EvaluationReport,
+                       context: grpc.ServicerContext) -> pb.PushEvaluationReply:
+        client_id = self._authenticate(context)
+        valid = (request.num_examples >= 0 and math.isfinite(request.loss)
+                 and math.isfinite(request.accuracy) and 0.0 <= request.accuracy <= 1.0)
+        if not valid:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                   "an evaluation has a finite loss, an accuracy in [0, 1] and an example "
+                   "count of at least 0")
+        with self._cond:
+            state = self.evaluating
+            if (state is None or state.closed or request.round != state.number
+                    or client_id not in state.dispatched or client_id in state.answered):
+                self.metrics.evaluations["late"].inc()
+                return pb.PushEvaluationReply(status=pb.PushEvaluationReply.LATE)
+            state.answered.add(client_id)
+            state.examples += request.num_examples
+            state.loss_sum += request.loss * request.num_examples
+            state.accuracy_sum += request.accuracy * request.num_examples
+            self._cond.notify_all()
+        self.metrics.evaluations["accepted"].inc()
+        return pb.PushEvaluationReply(status=pb.PushEvaluationReply.ACCEPTED)
 
     def _receive_and_fold(self, state: RoundState, header: pb.UpdateHeader,
                           chunks: Iterator[pb.UpdateChunk]) -> str | None:
@@ -350,19 +412,67 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             state.closed = True
         return state
 
-    def _evaluate(self) -> tuple[float | None, float | None]:
-        """The task's central evaluation of the global model; (None, None) when the task has
-        no central test set (its data stays at the sites)."""
+    def _evaluate_centrally(self) -> tuple[float, float] | None:
+        """The task's central evaluation of the global model; None when the task has no
+        central test set (its data stays at the sites) or the job asks for none."""
+        if self.spec.evaluation.mode == "federated" or self.central_test_set is False:
+            return None
         self.model.load_state_dict(self.global_state)
         result = self.task.evaluate(self.model, self.spec.task.config, device=self.device)
+        self.central_test_set = result is not None
         if result is None:
-            return None, None
+            if self.spec.evaluation.mode in ("central", "both"):
+                raise ConfigurationError(
+                    f"spec.evaluation.mode is {self.spec.evaluation.mode}, but the task "
+                    f"{self.spec.task.entrypoint} has no central test set: use mode federated")
+            return None
         return float(result.loss), float(result.accuracy)
+
+    def _federated_due(self, number: int) -> bool:
+        evaluation = self.spec.evaluation
+        wanted = evaluation.mode in ("federated", "both") or (
+            evaluation.mode == "auto" and self.central_test_set is False
+            and isinstance(self.task, Validator))
+        return wanted and (number % evaluation.every_rounds == 0 or number == self.spec.rounds)
+
+    def _evaluate_federated(self, number: int) -> dict[str, float | int] | None:
+        """Have sampled clients evaluate the new global model on their own validation data;
+        their example-weighted reports, or None when none came within roundTimeoutSeconds."""
+        evaluation = self.spec.evaluation
+        with self._cond:
+            connected = sorted(self._connected(time.monotonic()))
+        if not connected:
+            return None
+        rng = random.Random(f"{self.spec.clients.data.partitioning.seed}/evaluate/{number}")
+        count = min(len(connected), max(1, math.ceil(evaluation.fraction * len(connected))))
+        wire = transport.encode(self.global_state, self.wire_dtype)
+        state = EvaluationRound(number, set(rng.sample(connected, count)),
+                                transport.manifest(wire), wire)
+        deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
+        with self._cond:
+            self.evaluating = state
+            self.message = f"round {number}: evaluating on {count} clients"
+            self._cond.notify_all()
+            while state.answered != state.sampled and time.monotonic() < deadline:
+                self._cond.wait(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            state.closed = True
+            self.evaluating = None
+        result = state.result()
+        if result is None:
+            log.warning("round %d: no client reported its evaluation within "
+                        "roundTimeoutSeconds=%d", number, self.spec.strategy.round_timeout_seconds)
+        return result
 
     def _complete_round(self, state: RoundState, started: float) -> None:
         with self.metrics.aggregation_duration.time():
             self.global_state = state.aggregation.result()
-        loss, accuracy = self._evaluate()
+        central = self._evaluate_centrally()
+        federated = self._evaluate_federated(state.number) \
+            if self._federated_due(state.number) else None
+        # The job's metrics: central when the task has a test set, else the sites' reports.
+        loss, accuracy = central if central is not None else (
+            (float(federated["loss"]), float(federated["accuracy"])) if federated is not None
+            else (None, None))
         duration = time.monotonic() - started
         entry = {
             "round": state.number, "loss": loss, "accuracy": accuracy,
@@ -370,7 +480,11 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             "sampled": len(state.sampled), "duration_seconds": round(duration, 4),
             "client_metrics": {k: v / max(state.examples, 1)
                                for k, v in state.client_metrics.items()},
+            "federated_evaluation": federated,
         }
+        if federated is not None:
+            self.metrics.federated_loss.set(federated["loss"])
+            self.metrics.federated_accuracy.set(federated["accuracy"])
         with self._cond:
             self.history.append(entry)
             self.completed = state.number

@@ -22,7 +22,7 @@ from fedkube.federation import protocol, transport
 from fedkube.federation.aggregator import read_token, select_device
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
-from fedkube.tasks.base import ClientContext, load_task
+from fedkube.tasks.base import ClientContext, Validator, load_task
 
 log = logging.getLogger("fedkube.client")
 
@@ -103,7 +103,8 @@ class Client:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return protocol.auth_metadata(self.token, self.client_id)
 
-    def _train(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+    def _receive_model(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+        """Load the streamed global model into the local one."""
         assert self._model is not None
         metas = protocol.from_specs(header.tensors)
         if self._buffer is None or transport.manifest(self._buffer) != metas:
@@ -111,6 +112,27 @@ class Client:
         received = transport.assemble(metas, protocol.data_chunks(chunks), out=self._buffer)
         state = self._model.state_dict()
         self._model.load_state_dict({k: v.to(state[k].dtype) for k, v in received.items()})
+
+    def _evaluate(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+        """Federated evaluation: the global model on this client's own validation data."""
+        self._receive_model(header, chunks)
+        assert self._model is not None
+        if not isinstance(self.task, Validator):
+            raise ConfigurationError(
+                f"the aggregator asks for federated evaluation, but the task "
+                f"{self.spec.task.entrypoint} has no validate(model, data, config, device)")
+        result = self.task.validate(self._model, self._data, self.spec.task.config,
+                                    device=self.device)
+        self.stub.PushEvaluation(pb.EvaluationReport(
+            round=header.round, num_examples=result.num_examples, loss=float(result.loss),
+            accuracy=float(result.accuracy)), metadata=self._metadata())
+        log.info("round %d: evaluated the global model on %d validation examples: loss %.4f, "
+                 "accuracy %.4f", header.round, result.num_examples, result.loss,
+                 result.accuracy)
+
+    def _train(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+        assert self._model is not None
+        self._receive_model(header, chunks)
         result = self.task.train(self._model, self._data, self.spec.task.config,
                                  device=self.device, proximal_mu=header.proximal_mu)
         wire = transport.encode(self._model.state_dict(),
@@ -141,6 +163,8 @@ class Client:
             return False
         if header.action == pb.TaskHeader.TRAIN:
             self._train(header, stream)
+        elif header.action == pb.TaskHeader.EVALUATE:
+            self._evaluate(header, stream)
         return True
 
     def run(self) -> int:

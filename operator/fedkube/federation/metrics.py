@@ -16,6 +16,8 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 
 #: Update outcomes counted by ``fedkube_updates_total{status}``.
 UPDATE_STATUSES = ("accepted", "rejected", "late")
+#: Evaluation report outcomes counted by ``fedkube_evaluations_total{status}``.
+EVALUATION_STATUSES = ("accepted", "late")
 
 
 class AggregatorMetrics:
@@ -55,8 +57,23 @@ class AggregatorMetrics:
         self.aggregation_duration = histogram(
             "fedkube_aggregation_duration_seconds",
             "Time spent folding updates into the aggregate and computing the new model.")
-        self.global_loss = gauge("fedkube_global_loss", "Loss of the global model.")
-        self.global_accuracy = gauge("fedkube_global_accuracy", "Accuracy of the global model.")
+        self.global_loss = gauge(
+            "fedkube_global_loss",
+            "Loss of the global model: central evaluation, or the sites' when the task has no "
+            "central test set.")
+        self.global_accuracy = gauge("fedkube_global_accuracy",
+                                     "Accuracy of the global model (as fedkube_global_loss).")
+        self.federated_loss = gauge(
+            "fedkube_federated_loss",
+            "Loss of the global model on the sampled sites' validation data, example-weighted.")
+        self.federated_accuracy = gauge(
+            "fedkube_federated_accuracy",
+            "Accuracy of the global model on the sampled sites' validation data.")
+        evaluations = Counter("fedkube_evaluations_total",
+                              "Federated evaluation reports received, by outcome.",
+                              (*LABELS, "status"), registry=self.registry)
+        self.evaluations = {s: evaluations.labels(status=s, **labels)
+                            for s in EVALUATION_STATUSES}
         self.round_failures = counter(
             "fedkube_round_failures_total",
             "Rounds retried because fewer than minClients answered before the timeout.")

@@ -108,6 +108,20 @@ class Task(Protocol):
         ...
 
 
+@runtime_checkable
+class Validator(Protocol):
+    """What a task adds for federated evaluation (``spec.evaluation``): the clients evaluate
+    the global model on their own validation data and the aggregator combines their reports."""
+
+    def validate(
+        self, model: torch.nn.Module, data: Any, config: Mapping[str, Any], *,
+        device: torch.device
+    ) -> EvalResult:
+        """Loss and accuracy of ``model`` on the validation part of ``data`` (what
+        :meth:`Task.client_data` returned); ``num_examples`` weighs the report."""
+        ...
+
+
 def load_task(entrypoint: str) -> Task:
     """Import the task named ``module:attribute`` (``spec.task.entrypoint``)."""
     module_name, sep, attribute = entrypoint.partition(":")

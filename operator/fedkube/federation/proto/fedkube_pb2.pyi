@@ -46,9 +46,11 @@ class TaskHeader(_message.Message):
         WAIT: _ClassVar[TaskHeader.Action]
         TRAIN: _ClassVar[TaskHeader.Action]
         FINISHED: _ClassVar[TaskHeader.Action]
+        EVALUATE: _ClassVar[TaskHeader.Action]
     WAIT: TaskHeader.Action
     TRAIN: TaskHeader.Action
     FINISHED: TaskHeader.Action
+    EVALUATE: TaskHeader.Action
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
@@ -109,3 +111,27 @@ class PushUpdateReply(_message.Message):
     status: PushUpdateReply.Status
     reason: str
     def __init__(self, status: _Optional[_Union[PushUpdateReply.Status, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("round", "num_examples", "loss", "accuracy")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    num_examples: int
+    loss: float
+    accuracy: float
+    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+
+class PushEvaluationReply(_message.Message):
+    __slots__ = ("status",)
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACCEPTED: _ClassVar[PushEvaluationReply.Status]
+        LATE: _ClassVar[PushEvaluationReply.Status]
+    ACCEPTED: PushEvaluationReply.Status
+    LATE: PushEvaluationReply.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: PushEvaluationReply.Status
+    def __init__(self, status: _Optional[_Union[PushEvaluationReply.Status, str]] = ...) -> None: ...

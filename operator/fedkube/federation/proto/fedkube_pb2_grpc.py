@@ -49,6 +49,11 @@ class FederationStub:
                 request_serializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushUpdateReply.FromString,
                 _registered_method=True)
+        self.PushEvaluation = channel.unary_unary(
+                '/fedkube.v1.Federation/PushEvaluation',
+                request_serializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushEvaluationReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -75,6 +80,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushEvaluation(self, request, context):
+        """Reports an evaluation asked for with EVALUATE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.UpdateChunk.FromString,
                     response_serializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushUpdateReply.SerializeToString,
+            ),
+            'PushEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushEvaluation,
+                    request_deserializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.EvaluationReport.FromString,
+                    response_serializer=fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushEvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Federation:
             '/fedkube.v1.Federation/PushUpdate',
             fedkube_dot_federation_dot_proto_dot_fedkube__pb2.UpdateChunk.SerializeToString,
             fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushUpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.v1.Federation/PushEvaluation',
+            fedkube_dot_federation_dot_proto_dot_fedkube__pb2.EvaluationReport.SerializeToString,
+            fedkube_dot_federation_dot_proto_dot_fedkube__pb2.PushEvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,
