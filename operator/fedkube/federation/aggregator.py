@@ -99,37 +99,36 @@ class ClientInfo:
 
 
 @dataclass
-class RoundState:
-    """One attempt at one round."""
+class Dispatch:
+    """A global model sent to sampled clients, to train or to evaluate, and who answered."""
 
     number: int
+    """The round (being trained, or whose model is evaluated)."""
     sampled: set[str]
     metas: list[transport.TensorMeta]
     wire: dict[str, torch.Tensor]
-    aggregation: Any
     dispatched: set[str] = field(default_factory=set)
     answered: set[str] = field(default_factory=set)
-    accepted: int = 0
-    rejected: int = 0
     examples: int = 0
-    client_metrics: dict[str, float] = field(default_factory=dict)
     closed: bool = False
 
 
 @dataclass
-class EvaluationRound:
+class RoundState(Dispatch):
+    """One attempt at one round."""
+
+    aggregation: Any = None
+    accepted: int = 0
+    rejected: int = 0
+    client_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationRound(Dispatch):
     """Federated evaluation of one round's global model by sampled clients."""
 
-    number: int
-    sampled: set[str]
-    metas: list[transport.TensorMeta]
-    wire: dict[str, torch.Tensor]
-    dispatched: set[str] = field(default_factory=set)
-    answered: set[str] = field(default_factory=set)
-    examples: int = 0
     loss_sum: float = 0.0
     accuracy_sum: float = 0.0
-    closed: bool = False
 
     def result(self) -> dict[str, float | int] | None:
         """Example-weighted loss and accuracy over the reports; None without any."""
@@ -228,7 +227,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
                             spec_json=self.spec.model_dump_json(by_alias=True))
 
     def _next_assignment(self, client_id: str, deadline: float, context: grpc.ServicerContext,
-                         ) -> RoundState | EvaluationRound | None:
+                         ) -> Dispatch | None:
         """The round this client should train, or the model it should evaluate, now; None
         when finished or nothing is due yet."""
         with self._cond:
@@ -391,8 +390,8 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         metas = transport.manifest(wire)
         if self._buffer is not None and transport.manifest(self._buffer) != metas:
             self._buffer = None
-        return RoundState(number, sampled, metas, wire,
-                          self.strategy.new_round(self.global_state, max_updates=count))
+        return RoundState(number, sampled, metas, wire, aggregation=self.strategy.new_round(
+            self.global_state, max_updates=count))
 
     def _run_round(self, number: int, attempt: int, first: bool) -> RoundState:
         strategy_spec = self.spec.strategy
