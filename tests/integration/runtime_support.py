@@ -54,9 +54,11 @@ class Processes(ProcessGroup):
     def aggregator(self, config: Path) -> subprocess.Popen[bytes]:
         return self.start("aggregator", "aggregator", "--config", str(config))
 
-    def client(self, config: Path, index: int) -> subprocess.Popen[bytes]:
+    def client(self, config: Path, index: int,
+               data_dir: Path | None = None) -> subprocess.Popen[bytes]:
         return self.start(f"client-{index}", "client", "--config", str(config),
-                          "--index", str(index))
+                          "--index", str(index),
+                          *(["--data-dir", str(data_dir)] if data_dir else []))
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 from runtime_support import http_get, make_config, metric_value, processes, wait_for
 
@@ -29,12 +33,13 @@ class Rogue:
                                wait_for_ready=True, timeout=60)
         self.metadata = protocol.auth_metadata(self.token, reply.client_id)
 
-    def pull(self) -> tuple[int, State]:
+    def pull(self, action: int = pb.TaskHeader.TRAIN) -> tuple[int, State]:
+        """The next task of this kind (TRAIN or EVALUATE): its round and the model."""
         while True:
             stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=5),
                                         metadata=self.metadata)
             header = next(stream).header
-            if header.action == pb.TaskHeader.TRAIN:
+            if header.action == action:
                 metas = protocol.from_specs(header.tensors)
                 return header.round, transport.assemble(metas, protocol.data_chunks(stream))
 
@@ -83,3 +88,78 @@ def test_malformed_and_poisoned_updates_are_rejected_and_counted(tmp_path: Path)
     assert metric_value(text, "fedkube_updates_total", status="rejected") == 2
     log = group.log("aggregator")
     assert log.count("rejected update from client-1-") == 2
+
+
+def test_federated_evaluations_only_from_the_asked_once_with_sane_numbers(
+        tmp_path: Path) -> None:
+    """A site's client may report one evaluation, for the model it was sent, with a finite
+    loss and an accuracy in [0, 1]; everything else is refused and counted, and the round's
+    federated metrics are the example-weighted mean of what was accepted."""
+    data = tmp_path / "site"
+    write_wine_rows(data / "rows.csv")
+    config = make_config(
+        tmp_path, rounds=1, min_clients=2, timeout=60,
+        task={"entrypoint": "fedkube.tasks.tabular:task", "config": WINE_TASK},
+        sites=[{"name": "lab", "replicas": 2, "data": {"volume": {"hostPath": {
+            "path": str(data)}}}}],
+        evaluation={"mode": "federated"})
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        group.client(config, 0, data_dir=data)
+        rogue = Rogue(config, 1)
+        round_, state = rogue.pull()
+        assert rogue.push(round_, state).status == pb.PushUpdateReply.ACCEPTED
+        evaluated, _ = rogue.pull(pb.TaskHeader.EVALUATE)
+        assert evaluated == 1
+
+        def report(**fields: float) -> pb.PushEvaluationReply:
+            values = {"round": 1, "num_examples": 30, "loss": 0.25, "accuracy": 0.9, **fields}
+            return rogue.stub.PushEvaluation(pb.EvaluationReport(**values),
+                                             metadata=rogue.metadata)
+
+        assert report(round=2).status == pb.PushEvaluationReply.LATE
+        for bad in ({"accuracy": 1.5}, {"loss": float("nan")}, {"num_examples": -1}):
+            with pytest.raises(grpc.RpcError) as refused:
+                report(**bad)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert report().status == pb.PushEvaluationReply.ACCEPTED
+        assert report().status == pb.PushEvaluationReply.LATE  # once only
+
+        def both_reports_in() -> str | None:
+            text = http_get(config, "/metrics")
+            accepted = metric_value(text, "fedkube_evaluations_total", status="accepted")
+            return text if accepted == 2 else None
+
+        # The honest client reports when it is done, maybe after the rogue.
+        text = wait_for(both_reports_in, 30, "the honest client's evaluation")
+        assert aggregator.wait(60) == 0, group.log("aggregator")
+    assert metric_value(text, "fedkube_evaluations_total", status="late") == 2
+    honest = re.search(r"evaluated the global model on (\d+) validation examples: loss "
+                       r"([0-9.]+), accuracy ([0-9.]+)", group.log("client-0"))
+    assert honest is not None
+    examples, loss, accuracy = int(honest[1]), float(honest[2]), float(honest[3])
+    (entry,) = json.loads((tmp_path / "output" / "history.json").read_text())
+    federated = entry["federated_evaluation"]
+    assert (federated["clients"], federated["examples"]) == (2, examples + 30)
+    assert federated["loss"] == pytest.approx((loss * examples + 0.25 * 30) / (examples + 30),
+                                              abs=1e-4)
+    assert federated["accuracy"] == pytest.approx(
+        (accuracy * examples + 0.9 * 30) / (examples + 30), abs=1e-4)
+    assert entry["accuracy"] == federated["accuracy"]
+
+
+WINE_FEATURES = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium",
+                 "total_phenols", "flavanoids", "nonflavanoid_phenols", "proanthocyanins",
+                 "color_intensity", "hue", "od280/od315_of_diluted_wines", "proline"]
+WINE_TASK = {"label": "cultivar", "features": WINE_FEATURES, "classes": [0, 1, 2]}
+
+
+def write_wine_rows(path: Path) -> None:
+    from sklearn.datasets import load_wine
+
+    x, y = load_wine(return_X_y=True)
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow([*WINE_FEATURES, "cultivar"])
+        writer.writerows([*row, label] for row, label in zip(x, y, strict=True))
