@@ -178,6 +178,16 @@ def job_dashboard() -> dict[str, Any]:
         Panel("Global accuracy", "Accuracy of the global model after each round.",
               (Target(f"max(fedkube_global_accuracy{{{JOB}}})", "accuracy"),),
               unit="percentunit"),
+        Panel("Federated accuracy",
+              "Accuracy of the global model on the sampled sites' own validation data "
+              "(federated evaluation), example-weighted.",
+              (Target(f"max(fedkube_federated_accuracy{{{JOB}}})", "sites"),),
+              unit="percentunit"),
+        Panel("Evaluation reports",
+              "Federated evaluation reports received per second, by outcome (late: for "
+              "another round, unasked, or twice).",
+              (Target(f"sum by (status) (rate(fedkube_evaluations_total{{{JOB}}}[{RATE}]))",
+                      "{{status}}"),), unit="ops"),
     ]
     variables = [
         _variable("namespace", "Namespace", "label_values(fedkube_round, namespace)"),

@@ -92,7 +92,8 @@ def test_dashboards_cover_what_users_watch() -> None:
         "Jobs created and completed", "Pod restarts"}
     assert titles("federated-job.json") == {
         "Round", "Progress", "Round duration", "Clients connected", "Updates",
-        "Bytes received", "Aggregation time", "Global loss", "Global accuracy"}
+        "Bytes received", "Aggregation time", "Global loss", "Global accuracy",
+        "Federated accuracy", "Evaluation reports"}
 
 
 @pytest.mark.parametrize("board", ["operator.json", "federated-job.json"])
