@@ -16,13 +16,16 @@ the training rows of every client in the round. The next round trains with these
 :meth:`TabularTask.validate` and anyone who loads the saved model (``forward`` standardises
 whenever ``ready`` is set). The variance is ``meanOfSquares - mean**2``.
 
-The statistics are exact only under the FedAvg family's example weighting (``fedavg``,
-``fedprox`` and the adaptive server optimisers, whose step also moves the buffers), with
-float32 transfers and with every client training in the round. Otherwise they are
-approximate:
+The statistics are exact only under plain example-weighted averaging (``fedavg`` and
+``fedprox``), with float32 transfers (the default) and with every client training in the
+round. Otherwise they are approximate:
 
-* Robust strategies (median, trimmed mean, Krum) produce a robust combination of the sites'
-  statistics, not their pooled value.
+* The server optimisers (``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``) take a step
+  towards the pooled statistics rather than landing on them. ``ready`` rises the same way.
+  The buffers settle on the pooled values over the rounds, and until ``ready`` passes 0.5
+  the clients keep training with their own statistics.
+* Robust strategies (``fedmedian``, ``trimmedmean``, ``krum``, ``multikrum``) produce a robust
+  combination of the sites' statistics, not their pooled value.
 * With central DP, every client counts once, and noise is added to the buffers as well.
   Update clipping (``privacy.clipNorm``) also counts the statistics' change towards the
   norm. Raw features far from unit scale then swamp the weights in the clipped update, so
@@ -42,7 +45,8 @@ approximate:
   ``.parquet`` files need pyarrow.
 * ``model``: ``logistic`` (the default) or ``mlp``. ``hidden`` (32) is the MLP's hidden
   width.
-* ``optimizer``: ``sgd`` (the default) or ``adam``.
+* ``optimizer``: ``sgd`` (the default) or ``adam``. Adam's moments start afresh each round and
+  are not federated. On sites whose label mixes differ a lot, Adam drifts more than SGD.
 * ``lr``: 0.1 for sgd, 0.01 for adam.
 * ``localEpochs`` (1), ``batchSize`` (32), ``validationFraction`` (0.2) and ``seed`` (0).
 """
@@ -114,6 +118,8 @@ class TabularConfig:
                 f"spec.task.config has unknown keys {', '.join(map(str, unknown))} for the "
                 f"tabular task: it takes {', '.join(cls._KEYS)}")
         label = config.get("label")
+        if isinstance(label, str):
+            label = label.strip()
         if not isinstance(label, str) or not label:
             raise ConfigurationError(
                 "spec.task.config.label is required: set it to the label column's name")
@@ -144,10 +150,11 @@ class TabularConfig:
                 values[key] = config[key]
         if "files" in config:
             files = config["files"]
-            if not isinstance(files, str) or not files or Path(files).is_absolute():
+            if (not isinstance(files, str) or not files or Path(files).is_absolute()
+                    or ".." in Path(files).parts):
                 raise ConfigurationError(
                     f"spec.task.config.files must be a glob relative to the site's data "
-                    f"directory, e.g. '*.csv' or 'train/*.parquet': {files!r}")
+                    f"directory, without '..', e.g. '*.csv' or 'train/*.parquet': {files!r}")
             values["files"] = files
         return cls(**values)
 
@@ -171,7 +178,8 @@ def _listed(config: Mapping[str, Any], key: str, what: str, spell: Any) -> tuple
 def _number(value: Any, key: str, kind: type, minimum: float) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             kind is int and not float(value).is_integer()):
-        raise ConfigurationError(f"spec.task.config.{key} must be a {kind.__name__}: {value!r}")
+        what = "an integer" if kind is int else "a number"
+        raise ConfigurationError(f"spec.task.config.{key} must be {what}: {value!r}")
     if value < minimum:
         raise ConfigurationError(f"spec.task.config.{key} must be at least {minimum}: {value}")
     return kind(value)
@@ -377,11 +385,28 @@ def _read(path: Path, name: str, settings: TabularConfig) -> tuple[np.ndarray, n
             f"{name}: the tabular task reads .csv and .parquet files; narrow "
             f"spec.task.config.files ({settings.files!r}) to those")
     wanted = [*settings.features, settings.label]
-    columns: Mapping[str, Any] = (
-        _read_parquet(path, name, wanted) if path.suffix.lower() == ".parquet"
-        else _read_csv(path, name, wanted))
-    x = np.column_stack([_numbers(columns[feature], name, feature)
-                         for feature in settings.features])
+    columns: Mapping[str, Any]
+    lines: list[int] | None = None  # a CSV row's line in the file (the header is line 1)
+    if path.suffix.lower() == ".parquet":
+        columns = _read_parquet(path, name, wanted)
+    else:
+        columns, lines = _read_csv(path, name, wanted)
+
+    def where(row: int) -> str:
+        return f"{name}, line {lines[row]}" if lines is not None else f"{name}, row {row + 1}"
+
+    x = np.empty((len(columns[settings.label]), len(settings.features)), dtype=np.float64)
+    for j, feature in enumerate(settings.features):
+        values = columns[feature]
+        try:
+            x[:, j] = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            x[:, j] = [_float(value) for value in values]
+        bad = np.flatnonzero(~np.isfinite(x[:, j]))
+        if len(bad):
+            raise ConfigurationError(
+                f"{where(bad[0])}: feature {feature!r} is {values[bad[0]]!r}, not a finite "
+                "number: the tabular task takes numeric features without missing values")
     index = {value: i for i, value in enumerate(settings.classes)}
     labels = columns[settings.label]
     spelled = {value: _label_text(value) for value in set(labels) if value is not None}
@@ -390,25 +415,11 @@ def _read(path: Path, name: str, settings: TabularConfig) -> tuple[np.ndarray, n
         position = index.get(spelled[value]) if value in spelled else None
         if position is None:
             raise ConfigurationError(
-                f"{name}, row {row + 1}: label {settings.label!r} is {value!r}, which is not "
-                f"in spec.task.config.classes ({', '.join(settings.classes)}): add it there "
-                "or drop the row")
+                f"{where(row)}: label {settings.label!r} is {value!r}, which is not in "
+                f"spec.task.config.classes ({', '.join(settings.classes)}): add it there or "
+                "drop the row")
         y[row] = position
     return x, y
-
-
-def _numbers(values: Any, name: str, feature: str) -> np.ndarray:
-    """One feature column as float64; a missing or non-numeric cell names its row."""
-    try:
-        column = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        column = np.array([_float(value) for value in values], dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(column))
-    if len(bad):
-        raise ConfigurationError(
-            f"{name}, row {bad[0] + 1}: feature {feature!r} is {values[bad[0]]!r}, not a finite "
-            "number: the tabular task takes numeric features without missing values")
-    return column
 
 
 def _float(value: Any) -> float:
@@ -431,8 +442,8 @@ def _missing(name: str, header: list[str], wanted: list[str]) -> None:
             f"{name} has more than one column named {', '.join(map(repr, twice))}: rename one")
 
 
-def _read_csv(path: Path, name: str, wanted: list[str]) -> dict[str, list[Any]]:
-    """The ``wanted`` columns of a CSV file with a header row (row numbers count data rows)."""
+def _read_csv(path: Path, name: str, wanted: list[str]) -> tuple[dict[str, list[str]], list[int]]:
+    """The ``wanted`` columns of a CSV file with a header row, and each row's line number."""
     with path.open(newline="", encoding="utf-8-sig") as stream:
         reader = csv.reader(stream)
         header = [column.strip() for column in next(reader, [])]
@@ -440,20 +451,22 @@ def _read_csv(path: Path, name: str, wanted: list[str]) -> dict[str, list[Any]]:
             raise ConfigurationError(f"{name} is empty: it needs a header row naming the columns")
         _missing(name, header, wanted)
         positions = [header.index(column) for column in wanted]
-        columns: dict[str, list[Any]] = {column: [] for column in wanted}
-        for row, cells in enumerate(reader, start=1):
+        columns: dict[str, list[str]] = {column: [] for column in wanted}
+        lines: list[int] = []
+        for cells in reader:
             if not cells:
                 continue  # a blank line
             if len(cells) != len(header):
                 raise ConfigurationError(
-                    f"{name}, row {row}: {len(cells)} cells under a header of {len(header)} "
-                    "columns")
+                    f"{name}, line {reader.line_num}: {len(cells)} cells under a header of "
+                    f"{len(header)} columns")
             for column, position in zip(wanted, positions, strict=True):
                 columns[column].append(cells[position])
-    return columns
+            lines.append(reader.line_num)
+    return columns, lines
 
 
-def _read_parquet(path: Path, name: str, wanted: list[str]) -> dict[str, Any]:
+def _read_parquet(path: Path, name: str, wanted: list[str]) -> dict[str, np.ndarray]:
     """The ``wanted`` columns of a Parquet file."""
     try:
         import pyarrow.parquet as parquet
