@@ -283,6 +283,16 @@ async def test_sites_get_their_own_pods_volumes_and_placement(env: Any) -> None:
         assert south["metadata"]["labels"]["fedkube.io/site"] == "south"
         assert any("csi" in v for v in south["spec"]["volumes"])
 
+        # A site joins a running job: its pod, and the configuration it starts from.
+        east = {"name": "east", "data": {"volume": {"hostPath": {"path": "/srv/east"}}}}
+        await cluster.patch_job("diagnosis", {"spec": {"sites": [*sample["spec"]["sites"],
+                                                                 east]}})
+        await wait_until(lambda: _phase_of(cluster, "diagnosis", "diagnosis-east-0", "Pending"),
+                         what="the new site's client pod")
+        config = await wait_until(lambda: _config_mentions(cluster, "diagnosis", "east"),
+                                  what="the ConfigMap to name the new site")
+        assert "/srv/east" in config
+
 
 async def test_hundred_jobs_all_reconciled(env: Any) -> None:
     emulator, cluster, status, metrics, url = env
@@ -349,6 +359,12 @@ async def _has_condition(cluster: Cluster, name: str, type_: str) -> dict[str, A
     conditions = (job or {}).get("status", {}).get("conditions") or []
     return job if any(c["type"] == type_ and c["status"] == "True" for c in conditions) \
         else None
+
+
+async def _config_mentions(cluster: Cluster, job: str, text: str) -> str | None:
+    (config,) = await cluster.list("configmaps", job)
+    found: str = config["data"]["config.yaml"]
+    return found if text in found else None
 
 
 async def _absent(cluster: Cluster, name: str) -> bool:

@@ -18,6 +18,7 @@ from fedkube.controller.reconcile import (
     Delete,
     DeleteJob,
     Observed,
+    Update,
     reconcile,
     spec_hash,
 )
@@ -274,6 +275,34 @@ def test_stuck_pod_fails_after_grace_period(status: dict[str, Any], reason: str)
     failed = d.status.condition(ConditionType.FAILED)
     assert failed.reason == reason and "j-client-0" in failed.message
     assert "stuckPodTimeoutSeconds" in failed.message
+
+
+def config_of(job: FederatedJob) -> dict[str, str]:
+    return builders.configmap(job)["data"]
+
+
+def test_scale_up_updates_the_configuration_new_clients_start_from() -> None:
+    job, first = step(make_job(), Observed())
+    observed = Observed(pods=running_pods(job), support=all_support(job), config=config_of(job))
+    _, d = step(job, observed, accepted=first.accepted_spec_hash)
+    assert not [a for a in d.actions if isinstance(a, Update)]  # in line: nothing to do
+    bigger = make_job(clients={"replicas": 4}).model_copy(update={"status": job.status})
+    _, d = step(bigger, observed, accepted=first.accepted_spec_hash)
+    (update,) = [a for a in d.actions if isinstance(a, Update)]
+    assert (update.kind, update.name) == ("ConfigMap", "j-config")
+    assert update.patch == {"data": config_of(bigger)} and "replicas: 4" in \
+        update.patch["data"]["config.yaml"]
+    assert creates(d) == ["j-client-3"] and "ConfigUpdated" in reasons(d)
+
+
+def test_a_rejected_spec_leaves_the_running_configuration_alone() -> None:
+    job, first = step(make_job(), Observed())
+    changed = make_job(strategy={"name": "fedprox"}, clients={"replicas": 4}).model_copy(
+        update={"status": job.status})
+    _, d = step(changed, Observed(pods=running_pods(job), support=all_support(job),
+                                  config=config_of(job)), accepted=first.accepted_spec_hash)
+    assert d.status.condition(ConditionType.SPEC_REJECTED).status == "True"
+    assert not [a for a in d.actions if isinstance(a, Update)]
 
 
 def test_immutable_change_of_a_started_job_is_rejected_then_cleared() -> None:

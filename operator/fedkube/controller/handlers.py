@@ -37,6 +37,7 @@ from fedkube.controller.reconcile import (
     DeleteJob,
     Event,
     Observed,
+    Update,
     reconcile,
 )
 from fedkube.controller.settings import ControllerSettings
@@ -159,6 +160,9 @@ class Controller:
                   for m in builders.support_objects(job, token="")]
         found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in wanted))
         support = frozenset(key for key, obj in zip(wanted, found, strict=True) if obj)
+        config = next((obj.get("data") or {} for (kind, _), obj in zip(wanted, found,
+                                                                       strict=True)
+                       if kind == "ConfigMap" and obj), None)
         report = None
         aggregator = builders.aggregator_name(job.name)
         if any(p["metadata"]["name"] == aggregator and
@@ -171,7 +175,7 @@ class Controller:
                     report = AggregatorReport.model_validate(raw)
                 except ValidationError:
                     logger.warning("ignoring a malformed report from %s", url)
-        return Observed(pods=pods, support=support, report=report)
+        return Observed(pods=pods, support=support, report=report, config=config)
 
     async def perform(self, kube: Kube, body: dict[str, Any], job: FederatedJob,
                       decision: Decision) -> None:
@@ -193,7 +197,9 @@ class Controller:
         results = await asyncio.gather(*(create(m) for m in support), return_exceptions=True)
         await asyncio.gather(*(create(m) for m in creates if m["kind"] == "Pod"))
         for action in decision.actions:
-            if isinstance(action, Delete):
+            if isinstance(action, Update):
+                await kube.merge_patch(action.kind, job.namespace, action.name, action.patch)
+            elif isinstance(action, Delete):
                 await kube.delete(action.kind, job.namespace, action.name)
             elif isinstance(action, Event):
                 kopf.event(_as_body(body), type=action.type, reason=action.reason,

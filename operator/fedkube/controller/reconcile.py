@@ -43,6 +43,15 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Update:
+    """Merge ``patch`` into an existing child."""
+
+    kind: str
+    name: str
+    patch: Manifest
+
+
+@dataclass(frozen=True)
 class DeleteJob:
     """Delete the FederatedJob itself (``ttlSecondsAfterFinished`` passed)."""
 
@@ -54,7 +63,7 @@ class Event:
     message: str
 
 
-Action = Create | Delete | DeleteJob | Event
+Action = Create | Update | Delete | DeleteJob | Event
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class Observed:
     """``(kind, name)`` of the ConfigMap, Secret, Service, NetworkPolicy, PodGroup present."""
     report: AggregatorReport | None = None
     """The aggregator's ``/status``, when it answered."""
+    config: dict[str, str] | None = None
+    """The data of the job's ConfigMap, when it exists."""
 
 
 @dataclass
@@ -297,6 +308,7 @@ class _Reconciler:
         if self.handle_failed_pods() or self.handle_stuck_pods():
             return
         self.scale_down()
+        self.sync_config()
         self.create_missing()
         self.update_running()
 
@@ -362,6 +374,22 @@ class _Reconciler:
             self.event("Normal", "ScaledDown",
                        f"deleted {name}: the job now has {self.spec.num_clients} clients")
 
+    def sync_config(self) -> None:
+        """Keep the ConfigMap that pods start from in line with the accepted spec: a client
+        added by scaling up or a new site reads its place there (immutable fields cannot have
+        changed, or the spec was rejected and the ConfigMap keeps the running values)."""
+        current = self.observed.config
+        if current is None or self.decision.accepted_spec_hash != spec_hash(self.job):
+            return
+        wanted = builders.configmap(self.job)
+        if current != wanted["data"]:
+            self.decision.actions.append(Update("ConfigMap", wanted["metadata"]["name"],
+                                                {"data": wanted["data"]}))
+            self.event("Normal", "ConfigUpdated",
+                       f"updated the pods' configuration: the job has {self.spec.num_clients} "
+                       "clients" + (f" in {len(self.spec.sites)} sites" if self.spec.sites
+                                    else ""))
+
     def create_missing(self) -> None:
         job = self.job
         wanted = builders.support_objects(job, token="")
@@ -422,4 +450,4 @@ def reconcile(job: FederatedJob, observed: Observed, now: datetime, *, generatio
 
 
 __all__ = ["ANNOTATION_ACCEPTED_SPEC", "Action", "Create", "Decision",
-           "Delete", "DeleteJob", "Event", "Observed", "reconcile", "spec_hash"]
+           "Delete", "DeleteJob", "Event", "Observed", "Update", "reconcile", "spec_hash"]

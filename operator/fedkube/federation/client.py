@@ -85,10 +85,12 @@ class Client:
     def context(self) -> ClientContext:
         """Who this client is, from the spec: its site, and the site's data directory (the
         mounted volume, unless ``--data-dir`` names another)."""
-        slot = self.spec.client_slots()[self.index]
+        # The pod's own configuration places it: a client added by scaling up is in it, and
+        # the aggregator's copy of the spec may predate the change.
+        slot = self.config.spec.client_slots()[self.index]
         site = slot.site
         data_dir = self.data_dir or (Path(site.data.mount_path) if site is not None else None)
-        return ClientContext(index=self.index, num_clients=self.spec.num_clients,
+        return ClientContext(index=self.index, num_clients=self.config.spec.num_clients,
                              partitioning=self.spec.clients.data.partitioning,
                              site=site.name if site is not None else None,
                              site_index=slot.site_index,
