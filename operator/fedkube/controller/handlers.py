@@ -43,7 +43,6 @@ from fedkube.controller.reconcile import (
 from fedkube.controller.settings import ControllerSettings
 
 logger = logging.getLogger("fedkube.operator")
-SUPPORT_KINDS = ("ConfigMap", "Secret", "Service", "NetworkPolicy", "PodGroup")
 
 
 @dataclass
@@ -159,10 +158,10 @@ class Controller:
         wanted = [(m["kind"], m["metadata"]["name"])
                   for m in builders.support_objects(job, token="")]
         found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in wanted))
-        support = frozenset(key for key, obj in zip(wanted, found, strict=True) if obj)
-        config = next((obj.get("data") or {} for (kind, _), obj in zip(wanted, found,
-                                                                       strict=True)
-                       if kind == "ConfigMap" and obj), None)
+        bodies = dict(zip(wanted, found, strict=True))
+        support = frozenset(key for key, obj in bodies.items() if obj)
+        config_map = bodies.get(("ConfigMap", builders.configmap_name(job.name)))
+        config = (config_map.get("data") or {}) if config_map else None
         report = None
         aggregator = builders.aggregator_name(job.name)
         if any(p["metadata"]["name"] == aggregator and
