@@ -122,6 +122,18 @@ class Validator(Protocol):
         ...
 
 
+def config_number(value: Any, key: str, kind: type, minimum: float) -> Any:
+    """``spec.task.config.<key>`` as ``kind`` (int or float), at least ``minimum``; a
+    :class:`ConfigurationError` naming the key otherwise (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            kind is int and not float(value).is_integer()):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigurationError(f"spec.task.config.{key} must be {what}: {value!r}")
+    if value < minimum:
+        raise ConfigurationError(f"spec.task.config.{key} must be at least {minimum}: {value}")
+    return kind(value)
+
+
 def load_task(entrypoint: str) -> Task:
     """Import the task named ``module:attribute`` (``spec.task.entrypoint``)."""
     module_name, sep, attribute = entrypoint.partition(":")

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkube.tasks.base import ClientContext, ConfigurationError, EvalResult, TrainResult
+from fedkube.tasks.base import (
+    ClientContext,
+    ConfigurationError,
+    EvalResult,
+    TrainResult,
+    config_number,
+)
 from fedkube.tasks.partition import partition
 
 TEST_FRACTION = 0.2
@@ -53,21 +59,8 @@ class DigitsConfig:
                 f"spec.task.config has unknown keys {', '.join(unknown)} for the digits task: "
                 f"it takes {', '.join(cls._KEYS)}"
             )
-        values: dict[str, Any] = {}
-        for key, (field, kind, minimum) in cls._KEYS.items():
-            if key not in config:
-                continue
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or (
-                kind is int and not float(value).is_integer()
-            ):
-                raise ConfigurationError(
-                    f"spec.task.config.{key} must be a {kind.__name__}: {value!r}")
-            if value < minimum:
-                raise ConfigurationError(
-                    f"spec.task.config.{key} must be at least {minimum}: {value}")
-            values[field] = kind(value)
-        return cls(**values)
+        return cls(**{field: config_number(config[key], key, kind, minimum)
+                      for key, (field, kind, minimum) in cls._KEYS.items() if key in config})
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedkube.tasks.base import ClientContext, ConfigurationError, EvalResult, TrainResult
+from fedkube.tasks.base import (
+    ClientContext,
+    ConfigurationError,
+    EvalResult,
+    TrainResult,
+    config_number,
+)
 
 #: Smallest variance a feature is divided by (a constant column stays finite).
 MIN_VARIANCE = 1e-8
@@ -134,7 +140,7 @@ class TabularConfig:
         values: dict[str, Any] = {"label": label, "features": features, "classes": classes}
         for key, (field, kind, minimum) in cls._NUMBERS.items():
             if key in config:
-                values[field] = _number(config[key], key, kind, minimum)
+                values[field] = config_number(config[key], key, kind, minimum)
         if values.get("lr", 1.0) <= 0:
             raise ConfigurationError(f"spec.task.config.lr must be above 0: {values['lr']}")
         if values.get("validation_fraction", 0.0) >= 1.0:
@@ -173,16 +179,6 @@ def _listed(config: Mapping[str, Any], key: str, what: str, spell: Any) -> tuple
         raise ConfigurationError(
             f"spec.task.config.{key} lists {', '.join(map(repr, twice))} more than once")
     return names
-
-
-def _number(value: Any, key: str, kind: type, minimum: float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or (
-            kind is int and not float(value).is_integer()):
-        what = "an integer" if kind is int else "a number"
-        raise ConfigurationError(f"spec.task.config.{key} must be {what}: {value!r}")
-    if value < minimum:
-        raise ConfigurationError(f"spec.task.config.{key} must be at least {minimum}: {value}")
-    return kind(value)
 
 
 def _label_text(value: Any) -> str:
