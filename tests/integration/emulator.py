@@ -245,10 +245,16 @@ class EmulatorThread:
         return list(self.emulator._requests)
 
     def count(self, plural: str) -> int:
-        """How many objects of this kind exist."""
-        assert self.emulator is not None
-        return sum(1 for (resource, _, _), obj in list(self.emulator._objects.items())
-                   if resource.plural == plural and not obj.deleted)
+        """How many objects of this kind exist. Counted on the emulator's own loop: its
+        object store is not safe to iterate from another thread while it serves."""
+        emulator, loop = self.emulator, self._loop
+        assert emulator is not None and loop is not None
+
+        async def count() -> int:
+            return sum(1 for (resource, _, _), obj in emulator._objects.items()
+                       if resource.plural == plural and not obj.deleted)
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(timeout=30)
 
     def watching(self, since: int = 0) -> bool:
         """True once jobs and pods are watched by requests after the first ``since``."""
