@@ -80,20 +80,41 @@ def aggregator(config_path: Path) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True,
+@click.option("--config", "config_path",
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The RuntimeConfig YAML (the operator mounts it from the job's ConfigMap).")
-@click.option("--index", required=True, type=click.IntRange(min=0),
-              help="This client's index among all the job's clients (in a job with sites, "
-                   "the sites' clients in order); it selects the client's site and data.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--index", type=click.IntRange(min=0),
+              help="With --config: this client's index among all the job's clients (in a job "
+                   "with sites, the sites' clients in order); it selects the site and data.")
+@click.option("--bundle", "bundle_path",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A site's join bundle (`fedkube bundle JOB SITE`), instead of --config: "
+                   "for a site outside the cluster.")
+@click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --bundle: which of the site's clients this is.")
+@click.option("--data", "--data-dir", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The site's data directory (default: where its volume is mounted, "
                    "sites[].data.mountPath).")
-def client(config_path: Path, index: int, data_dir: Path | None) -> None:
-    """Run one client of a job: train on its data each round it is sampled."""
-    from fedkube.federation.runtime import run_client
+@click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --config: the folder with ca.crt, tls.crt and tls.key, instead of the "
+                   "configuration's tls_dir.")
+def client(config_path: Path | None, index: int | None, bundle_path: Path | None, replica: int,
+           data_dir: Path | None, tls_dir: Path | None) -> None:
+    """Run one client of a job: train on its data each round it is sampled.
 
-    sys.exit(run_client(config_path, index, data_dir))
+    In a pod: --config and --index. On a site's own machine: --bundle and --data.
+    """
+    from fedkube.federation.runtime import run_bundle_client, run_client
+
+    if bundle_path is not None:
+        if config_path is not None or index is not None or tls_dir is not None:
+            raise click.UsageError("--bundle carries the job and the certificate: drop "
+                                   "--config, --index and --tls-dir")
+        sys.exit(run_bundle_client(bundle_path, replica, data_dir))
+    if config_path is None or index is None:
+        raise click.UsageError("give --config and --index (a pod), or --bundle (a site "
+                               "outside the cluster)")
+    sys.exit(run_client(config_path, index, data_dir, tls_dir))
 
 
 def _site_dirs(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> \

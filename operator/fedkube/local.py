@@ -1,7 +1,8 @@
 """``fedkube run``: one FederatedJob on this machine, as an aggregator and N client processes.
 
 The processes speak the same gRPC protocol over 127.0.0.1 as pods do in a cluster, read the
-same RuntimeConfig, and authenticate with a random token kept in the run folder. Each child
+same RuntimeConfig, and use mutual TLS with throwaway certificates made for this run (a CA,
+the aggregator's and one per site, in the run folder's ``tls/``). Each child
 runs in its own process group so that Ctrl-C (or SIGTERM) here stops all of them and leaves
 no orphans behind, whatever they were doing.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack, closing, suppress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from fedkube import pki
 from fedkube.api import FederatedJob, JobMetrics
 from fedkube.api.runtime import AggregatorReport, RuntimeConfig, last_line
 from fedkube.api.validation import InvalidJobError, load_jobs
+from fedkube.controller.builders import identities
 from fedkube.federation.runtime import THREADS_ENV
+from fedkube.federation.security import TlsFiles
 
 console = Console(stderr=True, highlight=False)
 
@@ -72,21 +76,46 @@ def override(job: FederatedJob, rounds: int | None, clients: int | None,
     return FederatedJob.model_validate(data)
 
 
+#: Validity of a run's throwaway certificates.
+RUN_CERTIFICATE_DAYS = 7
+
+
+def write_certificates(job: FederatedJob, folder: Path) -> None:
+    """A fresh CA for this run, the aggregator's certificate for 127.0.0.1 and one client
+    certificate per site (or one for all clients of a job without sites), in ``folder``:
+    ``aggregator/``, ``sites/<site>/`` or ``clients/``, each with ca.crt, tls.crt, tls.key."""
+    shutil.rmtree(folder, ignore_errors=True)
+    namespace, name = job.namespace, job.metadata.name
+    now, valid = datetime.now(UTC), timedelta(days=RUN_CERTIFICATE_DAYS)
+    ca = pki.issue_ca(namespace, name, now, valid)
+    server = pki.issue_server(ca, namespace, name, ["127.0.0.1", "localhost"], now, valid)
+    TlsFiles(ca.cert, server.cert, server.key).write(folder / "aggregator")
+    for site in identities(job):
+        identity = pki.Identity(namespace, name, site)
+        pair = pki.issue_client(ca, identity, now, valid)
+        TlsFiles(ca.cert, pair.cert, pair.key).write(client_tls_dir(folder, identity.site))
+
+
+def client_tls_dir(tls_folder: Path, site: str | None) -> Path:
+    return tls_folder / ("sites/" + site if site is not None else pki.CLIENTS)
+
+
 def prepare_run_folder(job: FederatedJob, folder: Path, *, resume: bool = False) -> Path:
-    """Token, RuntimeConfig and a fresh log folder. Old checkpoints are removed unless
+    """Certificates, RuntimeConfig and a fresh log folder. Old checkpoints are removed unless
     ``resume``: then the aggregator continues after the last checkpointed round."""
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     shutil.rmtree(folder / "logs", ignore_errors=True)
     (folder / "logs").mkdir()
-    token = folder / "token"
-    token.write_text(secrets.token_urlsafe(32))
-    token.chmod(0o600)
+    tls = job.spec.security.tls.mode != "Disabled"
+    if tls:
+        write_certificates(job, folder / "tls")
     config = RuntimeConfig(
-        job_name=job.metadata.name, namespace=job.metadata.namespace or "default",
+        job_name=job.metadata.name, namespace=job.namespace,
         spec=job.spec, aggregator_address=f"127.0.0.1:{job.spec.aggregator.port}",
-        bind_address="127.0.0.1", token_file=str(token.resolve()),
+        bind_address="127.0.0.1",
+        tls_dir=str((folder / "tls" / "aggregator").resolve()) if tls else None,
         checkpoint_dir=str((folder / "checkpoints").resolve()),
         output_dir=str(folder.resolve()))
     path = folder / "config.yaml"
@@ -269,8 +298,11 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
                 name = f"client-{slot.index}" if site is None else \
                     f"{site.name}-{slot.site_index}"
                 data_dir = [] if site is None else ["--data-dir", str(data_dirs[site.name])]
+                tls = [] if job.spec.security.tls.mode == "Disabled" else [
+                    "--tls-dir", str(client_tls_dir(folder / "tls",
+                                                    site.name if site else None))]
                 group.start(name, "client", "--config", str(config), "--index", str(slot.index),
-                            *data_dir)
+                            *data_dir, *tls)
             _follow(job, group, aggregator, folder / "history.json")
             failure = group.first_failure()
             if failure is None:  # told the job is over, the clients exit on their own

@@ -163,7 +163,8 @@ def test_cluster_wide_rbac(chart: ModuleType) -> None:
 
 
 def test_watch_namespaces_makes_namespaced_roles(chart: ModuleType) -> None:
-    docs = _render(chart, "watchNamespaces={a,b}", "rbac.gangScheduling=true")
+    docs = _render(chart, "watchNamespaces={a,b}", "rbac.gangScheduling=true",
+                   "rbac.certManager=true")
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
     assert ("scheduling.x-k8s.io", "podgroups", "create") in _rules(roles[0])
@@ -222,22 +223,24 @@ def test_helm_install_rejects_a_mistyped_value_and_notes_say_what_next(
 
 
 def test_rbac_grants_what_the_operator_client_touches_and_no_more(chart: ModuleType) -> None:
-    """Every kind the operator's Kubernetes client reads or writes is granted, and nothing
-    beyond those, kopf's own needs (CRDs, namespaces, peerings) and Events."""
+    """Every verb the operator's Kubernetes client uses on a kind is granted (the client
+    refuses any other), and no kind beyond those, kopf's own needs (CRDs, namespaces,
+    peerings) and Events."""
     kube = pytest.importorskip("fedkube.controller.kube",
                                reason="the operator's Kubernetes client is not there yet")
     used = set()
-    for prefix, plural in kube.RESOURCES.values():
-        group = "" if prefix.startswith("/api/") else prefix.split("/")[2]
-        used.add((group, plural))
+    for resource in kube.RESOURCES.values():
+        group = "" if resource.prefix.startswith("/api/") else resource.prefix.split("/")[2]
+        used |= {(group, resource.plural, verb) for verb in resource.verbs}
+        used |= {(group, f"{resource.plural}/status", verb) for verb in resource.status_verbs}
     # Cluster-wide, the operator meets its peers in a ClusterKopfPeering (it creates that
     # one when missing); the namespaced KopfPeerings are granted by the Roles of
     # test_watch_namespaces_makes_namespaced_roles.
-    used.discard(("kopf.dev", "kopfpeerings"))
-    docs = _render(chart, "rbac.gangScheduling=true")
-    granted = {(group, resource) for group, resource, _ in _rules(_one(docs, "ClusterRole"))}
+    used = {rule for rule in used if rule[1] != "kopfpeerings"}
+    docs = _render(chart, "rbac.gangScheduling=true", "rbac.certManager=true")
+    granted = _rules(_one(docs, "ClusterRole"))
+    assert granted >= used, f"not granted: {sorted(used - granted)}"
     kopf_needs = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces"),
-                  ("kopf.dev", "clusterkopfpeerings"), ("", "events"),
-                  ("fedkube.io", "federatedjobs/status")}
-    assert granted >= used
-    assert granted - kopf_needs == used - kopf_needs
+                  ("kopf.dev", "clusterkopfpeerings"), ("", "events")}
+    resources = {(group, resource) for group, resource, _ in granted}
+    assert resources - kopf_needs == {(group, resource) for group, resource, _ in used} - kopf_needs

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedkube.api import FederatedJobSpec
+from fedkube.api import FederatedJob, FederatedJobSpec
 from fedkube.api.runtime import RuntimeConfig
-from fedkube.local import CHILD_ENV, ProcessGroup, free_port
+from fedkube.local import CHILD_ENV, ProcessGroup, client_tls_dir, free_port, write_certificates
 
 #: The environment fedkube gives its children, for processes a test starts itself.
 ENV = os.environ | CHILD_ENV
@@ -22,8 +22,9 @@ ENV = os.environ | CHILD_ENV
 
 def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_clients: int = 2,
                 timeout: int = 30, task_config: dict[str, Any] | None = None,
-                token: str | None = "s3cret", **spec: Any) -> Path:
-    """A RuntimeConfig file for a small digits job with free ports."""
+                tls: bool = True, **spec: Any) -> Path:
+    """A RuntimeConfig file for a small digits job (``ns/test``) with free ports, and its
+    certificates in ``tmp_path/tls`` (as ``fedkube run`` makes them) unless not ``tls``."""
     port, metrics_port = free_port(), free_port()
     job_spec = FederatedJobSpec.model_validate({
         "task": {"entrypoint": "fedkube.tasks.digits:task",
@@ -34,14 +35,13 @@ def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_client
         "aggregator": {"port": port, "metricsPort": metrics_port},
         **spec,
     })
-    token_file = None
-    if token is not None:
-        token_file = tmp_path / "token"
-        token_file.write_text(token)
+    if tls:
+        write_certificates(FederatedJob(metadata={"name": "test", "namespace": "ns"},
+                                        spec=job_spec), tmp_path / "tls")
     config = RuntimeConfig(
         job_name="test", namespace="ns", spec=job_spec,
         aggregator_address=f"127.0.0.1:{port}", bind_address="127.0.0.1",
-        token_file=str(token_file) if token_file else None,
+        tls_dir=str(tmp_path / "tls" / "aggregator") if tls else None,
         checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"))
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
@@ -54,11 +54,19 @@ class Processes(ProcessGroup):
     def aggregator(self, config: Path) -> subprocess.Popen[bytes]:
         return self.start("aggregator", "aggregator", "--config", str(config))
 
-    def client(self, config: Path, index: int,
-               data_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    def client(self, config: Path, index: int, data_dir: Path | None = None,
+               tls_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        """Client ``index``; with the certificate of the job's site (or of its clients)
+        unless ``tls_dir`` names another."""
+        runtime = RuntimeConfig.from_file(config)
+        if tls_dir is None and runtime.tls_dir is not None:
+            slots = runtime.spec.client_slots()
+            site = slots[index].site if index < len(slots) else None
+            tls_dir = client_tls_dir(config.parent / "tls", site.name if site else None)
         return self.start(f"client-{index}", "client", "--config", str(config),
                           "--index", str(index),
-                          *(["--data-dir", str(data_dir)] if data_dir else []))
+                          *(["--data-dir", str(data_dir)] if data_dir else []),
+                          *(["--tls-dir", str(tls_dir)] if tls_dir else []))
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text()

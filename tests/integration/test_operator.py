@@ -104,9 +104,11 @@ async def test_job_lifecycle_create_running_rounds_success(env: Any) -> None:
         assert owner["uid"] == job["metadata"]["uid"] and owner["controller"] is True
         config = (await cluster.list("configmaps", "digits"))[0]
         assert "digits-aggregator.ml.svc:50051" in config["data"]["config.yaml"]
-        secret = (await cluster.list("secrets", "digits"))[0]
-        assert len(secret["stringData"]["token"]) >= 32
-        assert secret["stringData"]["token"] not in config["data"]["config.yaml"]
+        secrets = {s["metadata"]["name"]: s for s in await cluster.list("secrets", "digits")}
+        assert set(secrets) == {"digits-ca", "digits-aggregator-tls", "digits-clients-tls"}
+        assert "ca.key" not in secrets["digits-aggregator-tls"]["stringData"]
+        assert all(value not in config["data"]["config.yaml"]
+                   for secret in secrets.values() for value in secret["stringData"].values())
         assert [s["metadata"]["name"] for s in await cluster.list("services", "digits")] == \
             ["digits-aggregator"]
         job = await wait_until(lambda: _with_phase(cluster, "digits", "Pending"),
@@ -210,7 +212,7 @@ async def test_operator_restart_makes_no_duplicates_and_scale_down(env: Any) -> 
         await wait_until(lambda: _len_at_least(cluster.pods("steady"), 4), what="pods")
         await run_pods(cluster, "steady")
         await wait_until(lambda: _with_phase(cluster, "steady", "Running"), what="Running")
-    token = (await cluster.list("secrets", "steady"))[0]["stringData"]["token"]
+    secrets = await cluster.list("secrets", "steady")
     creates_before = _creates(emulator)
     async with running_operator(emulator, settings, metrics):
         seen = passes(metrics)
@@ -218,7 +220,7 @@ async def test_operator_restart_makes_no_duplicates_and_scale_down(env: Any) -> 
                          what="three passes of the new operator (its first and two resyncs)")
         assert _creates(emulator) == creates_before, "a restarted operator created objects"
         assert len(await cluster.pods("steady")) == 4
-        assert (await cluster.list("secrets", "steady"))[0]["stringData"]["token"] == token
+        assert await cluster.list("secrets", "steady") == secrets, "certificates re-issued"
         await cluster.patch_job("steady", {"spec": {"clients": {"replicas": 1},
                                                     "strategy": {"minClients": 1}}})
         pods = await wait_until(lambda: _len_at_most(cluster.pods("steady"), 2),

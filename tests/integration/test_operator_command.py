@@ -199,9 +199,12 @@ def test_operator_command_runs_a_job_as_a_user_drives_it(
                 ("FederatedJob", "digits", job["metadata"]["uid"], True)
         roles = sorted(p["metadata"]["labels"]["fedkube.io/role"] for p in pods.values())
         assert roles == ["aggregator"] + ["client"] * 5
-        for kind in ("configmap", "secret", "service"):
-            (child,) = [o for o in kubectl.json("get", kind)["items"]
-                        if o["metadata"].get("labels", {}).get("fedkube.io/job") == "digits"]
+        children = {kind: [o for o in kubectl.json("get", kind)["items"]
+                           if o["metadata"].get("labels", {}).get("fedkube.io/job") == "digits"]
+                    for kind in ("configmap", "secret", "service")}
+        assert sorted(o["metadata"]["name"] for o in children["secret"]) == \
+            ["digits-aggregator-tls", "digits-ca", "digits-clients-tls"]
+        for child in [o for objects in children.values() for o in objects]:
             assert child["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
 
         table = kubectl.out("get", "fj")

@@ -101,19 +101,6 @@ def test_the_restored_model_is_the_checkpointed_one(tmp_path: Path) -> None:
     assert all(torch.equal(model[k], saved.model[k]) for k in saved.model)
 
 
-def test_a_wrong_token_is_refused(tmp_path: Path) -> None:
-    config = make_config(tmp_path, rounds=1, clients=2, timeout=5)
-    with processes(tmp_path) as group:
-        group.aggregator(config)
-        wait_for(lambda: http_get(config, "/healthz"), 60, "the aggregator")  # token read
-        (tmp_path / "token").write_text("not-the-token")
-        impostor = group.client(config, 0)
-        assert impostor.wait(60) == 2
-        assert "refused this client's credential" in group.log("client-0")
-        assert "wrong credential" in group.log("aggregator")
-        assert status(config)["clientsConnected"] == 0
-
-
 def test_metrics_and_status_are_served(tmp_path: Path) -> None:
     config = make_config(tmp_path, rounds=200, clients=2)
     with processes(tmp_path) as group:
@@ -151,14 +138,15 @@ def test_an_invalid_configuration_exits_with_one_line_that_names_the_field(
 def test_an_invalid_configuration_is_the_pods_termination_message(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(tmp_path, rounds=1, clients=2)
-    (tmp_path / "token").write_text("")
+    (tmp_path / "tls" / "aggregator" / "tls.key").unlink()
     termination_log = tmp_path / "termination-log"
     termination_log.touch()  # the kubelet creates it in a pod
     monkeypatch.setattr(runtime, "TERMINATION_LOG", termination_log)
     assert runtime.run_aggregator(config) == EXIT_INVALID_CONFIGURATION
     assert termination_log.read_text() == (
-        f"invalid configuration: token_file {tmp_path / 'token'} is empty: "
-        "write the job's credential\n")
+        f"invalid configuration: tls_dir {tmp_path / 'tls' / 'aggregator'}: cannot read "
+        "tls.key (No such file or directory); mount the job's TLS Secret there (the operator "
+        "does), or set spec.security.tls.mode Disabled for plaintext\n")
 
 
 @pytest.mark.parametrize(("job", "hidden", "problem"), [

@@ -17,6 +17,8 @@ from fedkube.api.runtime import RuntimeConfig
 from fedkube.federation import protocol, transport
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.security import TlsFiles, channel_credentials
+from fedkube.local import client_tls_dir
 
 State = dict[str, torch.Tensor]
 
@@ -26,12 +28,13 @@ class Rogue:
 
     def __init__(self, config: Path, index: int) -> None:
         runtime = RuntimeConfig.from_file(config)
-        self.token = Path(runtime.token_file or "").read_text()
-        self.channel = grpc.insecure_channel(runtime.aggregator_address)
+        site = runtime.spec.client_slots()[index].site  # its own site's certificate
+        files = TlsFiles.read(client_tls_dir(config.parent / "tls", site and site.name))
+        self.channel = grpc.secure_channel(runtime.aggregator_address,
+                                           channel_credentials(files))
         self.stub = pb_grpc.FederationStub(self.channel)
-        reply = self.stub.Join(pb.JoinRequest(token=self.token, index=index),
-                               wait_for_ready=True, timeout=60)
-        self.metadata = protocol.auth_metadata(self.token, reply.client_id)
+        reply = self.stub.Join(pb.JoinRequest(index=index), wait_for_ready=True, timeout=60)
+        self.metadata = ((protocol.CLIENT_ID_KEY, reply.client_id),)
 
     def pull(self, action: int = pb.TaskHeader.TRAIN) -> tuple[int, State]:
         """The next task of this kind (TRAIN or EVALUATE): its round and the model."""

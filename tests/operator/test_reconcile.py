@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography import x509
 
+from fedkube import pki
 from fedkube.api import FederatedJob
 from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport
 from fedkube.api.status import ConditionType, Phase
-from fedkube.controller import builders
+from fedkube.controller import builders, credentials
 from fedkube.controller.reconcile import (
     ANNOTATION_ACCEPTED_SPEC,
     Create,
@@ -42,7 +45,19 @@ def pod(manifest: dict[str, Any], phase: str = "Running", **status: Any) -> dict
 
 def all_support(job: FederatedJob) -> frozenset[tuple[str, str]]:
     return frozenset((m["kind"], m["metadata"]["name"])
-                     for m in builders.support_objects(job, "t"))
+                     for m in builders.support_objects(job))
+
+
+_ISSUED: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
+
+
+def issued(job: FederatedJob) -> dict[str, dict[str, Any]]:
+    """The Secrets the operator issued for ``job`` (one CA per job and set of sites)."""
+    key = (job.name, *(str(site) for site in builders.identities(job)))
+    if key not in _ISSUED:
+        plan = credentials.plan_secrets(job, {}, T0)
+        _ISSUED[key] = {m["metadata"]["name"]: m for m in plan.create}
+    return _ISSUED[key]
 
 
 def running_pods(job: FederatedJob, phase: str = "Running") -> list[dict[str, Any]]:
@@ -54,8 +69,9 @@ def step(job: FederatedJob, observed: Observed, now: datetime = T0,
          accepted: str | None = None) -> tuple[FederatedJob, Decision]:
     """Reconcile, then return the job as it looks with the new status written back."""
     annotations = {ANNOTATION_ACCEPTED_SPEC: accepted} if accepted else {}
-    decision = reconcile(job, observed, now, generation=2, annotations=annotations,
-                         new_token=lambda: "secret-token")
+    if observed.support and not observed.secrets:  # the children exist: so do the Secrets
+        observed = dataclasses.replace(observed, secrets=issued(job))
+    decision = reconcile(job, observed, now, generation=2, annotations=annotations)
     return job.model_copy(update={"status": decision.status}), decision
 
 
@@ -74,11 +90,15 @@ def reasons(decision: Decision) -> list[str]:
 def test_fresh_job_creates_everything_once() -> None:
     job = make_job()
     job2, d = step(job, Observed())
-    assert creates(d) == ["j-config", "j-token", "j-aggregator", "j-aggregator", "j-aggregator",
-                          "j-client-0", "j-client-1", "j-client-2"]
-    secret = next(a.manifest for a in d.actions
-                  if isinstance(a, Create) and a.manifest["kind"] == "Secret")
-    assert secret["stringData"] == {"token": "secret-token"}
+    assert creates(d) == ["j-config", "j-aggregator", "j-aggregator", "j-ca", "j-aggregator-tls",
+                          "j-clients-tls", "j-aggregator", "j-client-0", "j-client-1",
+                          "j-client-2"]
+    secrets = {a.manifest["metadata"]["name"]: a.manifest["stringData"] for a in d.actions
+               if isinstance(a, Create) and a.manifest["kind"] == "Secret"}
+    ca = secrets["j-ca"]["ca.crt"]
+    assert secrets["j-aggregator-tls"]["ca.crt"] == secrets["j-clients-tls"]["ca.crt"] == ca
+    assert pki.identity_of(x509.load_pem_x509_certificate(
+        secrets["j-clients-tls"]["tls.crt"].encode())) == pki.Identity("ns", "j")
     assert d.created and d.status.start_time == T0 and d.status.observed_generation == 2
     assert d.status.condition(ConditionType.CREATED).status == "True"
     assert reasons(d) == ["ChildrenCreated"]

@@ -62,14 +62,30 @@ What the operator does in the namespaces it serves: the one list both the Cluste
   verbs: ["get", "list", "watch", "create", "delete"]
 # The other children are read by name, created when missing, deleted on cleanup.
 - apiGroups: [""]
-  resources: ["configmaps", "secrets", "services", "persistentvolumeclaims"]
+  resources: ["services", "persistentvolumeclaims"]
   verbs: ["get", "create", "delete"]
+# The pods' configuration is updated when the job's clients or sites change.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+# The job's CA and certificates: listed by the job's label, re-issued (patch) when the CA or
+# the aggregator's host names change, deleted when a site leaves the job.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "delete"]
 {{- if .Values.rbac.gangScheduling }}
 - apiGroups: ["scheduling.x-k8s.io"]
   resources: ["podgroups"]
+  verbs: ["get", "create", "delete"]
+{{- end }}
+{{- if .Values.rbac.certManager }}
+# Jobs with spec.security.tls.mode CertManager: the operator asks cert-manager for their
+# certificates.
+- apiGroups: ["cert-manager.io"]
+  resources: ["certificates"]
   verbs: ["get", "create", "delete"]
 {{- end }}
 # Kubernetes Events on the jobs (kopf posts them with create).

@@ -22,7 +22,10 @@ from fedkube.api.status import JobMetrics
 from fedkube.api.types import ApiModel
 
 CONFIG_MOUNT_PATH = "/etc/fedkube/config.yaml"
-TOKEN_MOUNT_PATH = "/var/run/secrets/fedkube/token"
+#: Where a pod's TLS Secret is mounted: ``ca.crt``, ``tls.crt`` and ``tls.key``, the layout of
+#: a ``kubernetes.io/tls`` Secret as the operator and cert-manager write it.
+TLS_MOUNT_DIR = "/var/run/secrets/fedkube/tls"
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 #: The aggregator's one writable volume (an emptyDir, or the job's claim): checkpoints and
 #: the final model live in folders the aggregator creates, so no subPath (which the kubelet
 #: would create root-owned, unwritable for the non-root aggregator) is needed.
@@ -65,8 +68,10 @@ class RuntimeConfig(ApiModel):
     bind_address: str = "0.0.0.0"
     """Address the aggregator's gRPC and HTTP servers listen on."""
 
-    token_file: str | None = TOKEN_MOUNT_PATH
-    """File holding the job's client credential (a mounted Secret); None disables auth."""
+    tls_dir: str | None = TLS_MOUNT_DIR
+    """Folder with this pod's ``ca.crt`` (the job's CA), ``tls.crt`` and ``tls.key`` (its
+    certificate: the aggregator's, or its site's). None: plaintext, no identities
+    (``spec.security.tls.mode: Disabled``)."""
 
     checkpoint_dir: str = CHECKPOINT_DIR
     """Where the aggregator writes its per-round checkpoint."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,8 @@ StrategyName = Literal[
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
     "fedmedian", "trimmedmean", "krum", "multikrum",
 ]
+#: Largest ``transport.chunkBytes``: one gRPC message.
+MAX_CHUNK_BYTES = 1 << 26
 #: Strategies that need every update of a round at once (no streaming fold).
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum", "multikrum")
 
@@ -199,6 +202,37 @@ class RoleSpec(ApiModel):
     """Extra environment variables."""
 
 
+#: A DNS name or an IPv4/IPv6 literal, optionally with a port: what a site outside dials.
+EXTERNAL_ADDRESS_PATTERN = (r"^(?P<host>\[[0-9a-fA-F:.]+\]|[0-9A-Za-z]([-0-9A-Za-z.]*[0-9A-Za-z])?)"
+                            r"(:(?P<port>[0-9]{1,5}))?$")
+
+
+class ServiceSpec(ApiModel):
+    """The aggregator's Service. Sites outside the cluster reach it through ``type``
+    LoadBalancer or NodePort (or an ingress of yours) at ``externalAddress``; gRPC is TLS
+    end to end, the aggregator's certificate names that address."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """The Service type."""
+
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Annotations of the Service, e.g. a cloud load balancer's settings."""
+
+    external_address: str | None = Field(default=None, max_length=253,
+                                         pattern=EXTERNAL_ADDRESS_PATTERN)
+    """``host`` or ``host:port`` that sites outside the cluster dial (default port:
+    ``aggregator.port``). The host goes into the server certificate, and into join bundles."""
+
+    def external_host_port(self, default_port: int) -> tuple[str, int] | None:
+        """``externalAddress`` split into host and port; None when it is not set."""
+        if self.external_address is None:
+            return None
+        match = re.fullmatch(EXTERNAL_ADDRESS_PATTERN, self.external_address)
+        assert match is not None  # the field's pattern
+        port = match.group("port")
+        return match.group("host").strip("[]"), int(port) if port else default_port
+
+
 class AggregatorSpec(RoleSpec):
     """The aggregator pod: runs the rounds and serves the model to clients."""
 
@@ -210,6 +244,9 @@ class AggregatorSpec(RoleSpec):
 
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     """Checkpointing, so that a restarted aggregator resumes from its last round."""
+
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    """How the aggregator's Service is exposed: inside the cluster, or to sites outside it."""
 
 
 class PartitioningSpec(ApiModel):
@@ -319,7 +356,7 @@ class TransportSpec(ApiModel):
     # Measured by hack/bench_aggregator_memory.py: 1 MiB chunks cost the same CPU as 256 KiB
     # but glibc keeps freed megabyte buffers in each gRPC handler thread's arena, so the
     # aggregator grew by ~2 MiB per client; 128 KiB costs a third more CPU.
-    chunk_bytes: int = Field(default=1 << 18, ge=1 << 14, le=1 << 26)
+    chunk_bytes: int = Field(default=1 << 18, ge=1 << 14, le=MAX_CHUNK_BYTES)
     """Size of the chunks that tensors are streamed in. The 256 KiB default keeps the
     aggregator's memory flat as clients are added; larger chunks are no faster and add
     memory per connected client."""
@@ -371,6 +408,50 @@ class SchedulingSpec(ApiModel):
     """A Kubernetes ``Affinity`` object, passed to the pods as is."""
 
 
+class IssuerReference(ApiModel):
+    """A cert-manager issuer, named as cert-manager's ``Certificate.spec.issuerRef`` does."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """The issuer's name."""
+
+    kind: str = Field(default="Issuer", min_length=1, max_length=63)
+    """``Issuer`` (in the job's namespace), ``ClusterIssuer``, or an external issuer's kind."""
+
+    group: str = Field(default="cert-manager.io", min_length=1, max_length=253)
+    """The issuer's API group."""
+
+
+class TlsSpec(ApiModel):
+    """Where the job's certificates come from. Every client presents a certificate that names
+    its job and site; the aggregator accepts a client only as that site."""
+
+    mode: Literal["Operator", "CertManager", "Disabled"] = "Operator"
+    """``Operator``: the operator makes a CA for this job and issues the aggregator's and each
+    site's certificate into Secrets. ``CertManager``: cert-manager issues them from
+    ``issuerRef`` (the operator creates the ``Certificate`` resources). ``Disabled``:
+    plaintext gRPC and no client identity, for trusted test networks only (a Warning event
+    says so)."""
+
+    issuer_ref: IssuerReference | None = None
+    """The cert-manager issuer, with mode CertManager. Its certificates must carry ``ca.crt``
+    (a CA or Vault issuer does)."""
+
+    validity_days: int = Field(default=365, ge=1, le=3650)
+    """How long the certificates are valid (mode Operator; cert-manager renews its own)."""
+
+    rules = (
+        Rule(
+            cel="(self.mode == 'CertManager') == has(self.issuerRef)",
+            message=(
+                "tls.issuerRef names the cert-manager issuer of mode CertManager: set both, "
+                "or neither"
+            ),
+            check=lambda t: (t.mode == "CertManager") == (t.issuer_ref is not None),
+            field_path=".issuerRef",
+        ),
+    )
+
+
 class SecuritySpec(ApiModel):
     """Pod security and network isolation of the job."""
 
@@ -382,7 +463,12 @@ class SecuritySpec(ApiModel):
 
     network_policy: bool = True
     """Create a NetworkPolicy so that only this job's clients (and Prometheus) reach the
-    aggregator."""
+    aggregator (and anyone reaches its gRPC port, over mutual TLS, when it is exposed with
+    ``aggregator.service``)."""
+
+    tls: TlsSpec = Field(default_factory=TlsSpec)
+    """Mutual TLS between the aggregator and the clients, and where the certificates come
+    from."""
 
 
 @dataclass(frozen=True)

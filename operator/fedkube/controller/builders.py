@@ -4,13 +4,17 @@ Nothing here talks to a cluster. ``fedkube render`` prints exactly what these re
 reconcile compares what exists with what they return, so both stay the same by construction.
 Names are deterministic (``<job>-aggregator``, ``<job>-client-<i>``, or ``<job>-<site>-<i>``
 for the clients of a site): creating one twice is a 409 AlreadyExists, never a duplicate.
+
+The job's certificates are the exception: keys are random, so the operator's Secrets are made
+by :mod:`fedkube.controller.credentials`; here are their names, the pods' mounts of them, and
+the cert-manager ``Certificate`` resources that stand in for them in mode CertManager.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fedkube import __version__
+from fedkube import __version__, pki
 from fedkube.api import API_VERSION, KIND, ClientSlot, FederatedJob
 from fedkube.api.constants import (
     LABEL_CLIENT_INDEX,
@@ -23,7 +27,7 @@ from fedkube.api.constants import (
 from fedkube.api.runtime import (
     CONFIG_MOUNT_PATH,
     STATE_DIR,
-    TOKEN_MOUNT_PATH,
+    TLS_MOUNT_DIR,
     RuntimeConfig,
 )
 from fedkube.api.types import ApiModel
@@ -31,7 +35,10 @@ from fedkube.api.types import ApiModel
 Manifest = dict[str, Any]
 
 CONFIG_KEY = CONFIG_MOUNT_PATH.rsplit("/", 1)[1]
-TOKEN_KEY = TOKEN_MOUNT_PATH.rsplit("/", 1)[1]
+#: cert-manager's Certificate API, which the operator writes in mode CertManager.
+CERTIFICATE_API_VERSION = "cert-manager.io/v1"
+#: Mode of the mounted TLS files: readable by the pod's user and group (fsGroup) only.
+TLS_FILE_MODE = 0o440
 #: Label of the PodGroup a pod belongs to (scheduler-plugins coscheduling).
 LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
 PODGROUP_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
@@ -48,8 +55,36 @@ def configmap_name(job: str) -> str:
     return f"{job}-config"
 
 
-def secret_name(job: str) -> str:
-    return f"{job}-token"
+def ca_secret_name(job: str) -> str:
+    """The job's CA certificate and key (mode Operator): read by the operator only."""
+    return f"{job}-ca"
+
+
+def server_secret_name(job: str) -> str:
+    """The aggregator's certificate and key, with the job's CA certificate."""
+    return f"{job}-aggregator-tls"
+
+
+def site_secret_name(job: str, site: str | None) -> str:
+    """A site's client certificate and key (``site`` None: every client of a job without
+    sites), with the job's CA certificate."""
+    return f"{job}-site-{site}-tls" if site is not None else f"{job}-clients-tls"
+
+
+def identities(job: FederatedJob) -> list[str | None]:
+    """Who holds a client certificate: each site, or (None) all clients of a job without
+    sites."""
+    return [site.name for site in job.spec.sites] or [None]
+
+
+def tls_enabled(job: FederatedJob) -> bool:
+    return job.spec.security.tls.mode != "Disabled"
+
+
+def exposed(job: FederatedJob) -> bool:
+    """Whether sites outside the cluster reach the aggregator."""
+    service_spec = job.spec.aggregator.service
+    return service_spec.type != "ClusterIP" or service_spec.external_address is not None
 
 
 def aggregator_name(job: str) -> str:
@@ -117,10 +152,32 @@ def aggregator_host(job: FederatedJob) -> str:
     return f"{aggregator_name(job.name)}.{job.namespace}.svc"
 
 
+def server_hosts(job: FederatedJob) -> list[str]:
+    """Every name the aggregator's certificate is valid for: the Service's cluster DNS names
+    and the external address that sites outside dial."""
+    name = aggregator_name(job.name)
+    hosts = [aggregator_host(job), name, f"{name}.{job.namespace}",
+             f"{aggregator_host(job)}.cluster.local"]
+    external = job.spec.aggregator.service.external_host_port(job.spec.aggregator.port)
+    if external is not None and external[0] not in hosts:
+        hosts.append(external[0])
+    return hosts
+
+
+def external_address(job: FederatedJob) -> str | None:
+    """``host:port`` a site outside the cluster dials, when the job is exposed."""
+    external = job.spec.aggregator.service.external_host_port(job.spec.aggregator.port)
+    if external is None:
+        return None
+    host, port = external
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def runtime_config(job: FederatedJob) -> RuntimeConfig:
     return RuntimeConfig(
         job_name=job.name, namespace=job.namespace, spec=job.spec,
         aggregator_address=f"{aggregator_host(job)}:{job.spec.aggregator.port}",
+        tls_dir=TLS_MOUNT_DIR if tls_enabled(job) else None,
     )
 
 
@@ -131,18 +188,70 @@ def configmap(job: FederatedJob) -> Manifest:
             "data": {CONFIG_KEY: runtime_config(job).to_yaml()}}
 
 
-def secret(job: FederatedJob, token: str) -> Manifest:
-    """The job's client credential; created once, so ``token`` is drawn by the caller."""
+def tls_secret(job: FederatedJob, name: str, ca_cert: bytes, pair: pki.KeyPair,
+               site: str | None = None) -> Manifest:
+    """A ``kubernetes.io/tls`` Secret as cert-manager writes one: tls.crt, tls.key, ca.crt."""
+    extra = {LABEL_SITE: site} if site is not None else {}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": _metadata(job, name, extra_labels=extra),
+            "stringData": {"tls.crt": pair.cert.decode(), "tls.key": pair.key.decode(),
+                           "ca.crt": ca_cert.decode()}}
+
+
+def ca_secret(job: FederatedJob, ca: pki.KeyPair) -> Manifest:
+    """The job's CA; no pod mounts it (the operator signs new sites' certificates with it)."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": _metadata(job, secret_name(job.name)), "stringData": {TOKEN_KEY: token}}
+            "metadata": _metadata(job, ca_secret_name(job.name)),
+            "stringData": {"ca.crt": ca.cert.decode(), "ca.key": ca.key.decode()}}
+
+
+def certificate(job: FederatedJob, site: str | None, *, server: bool = False) -> Manifest:
+    """A cert-manager ``Certificate`` for the aggregator (``server``) or a site: the URI SAN
+    carries the identity; the Secret it fills has the layout pods mount."""
+    tls = job.spec.security.tls
+    assert tls.issuer_ref is not None  # mode CertManager requires it
+    name = server_secret_name(job.name) if server else site_secret_name(job.name, site)
+    extra = {LABEL_SITE: site} if site is not None and not server else {}
+    spec: Manifest = {
+        "secretName": name,
+        "secretTemplate": {"labels": {**labels(job), **extra}},
+        "duration": f"{tls.validity_days * 24}h",
+        "privateKey": {"algorithm": "ECDSA", "size": 256, "encoding": "PKCS8",
+                       "rotationPolicy": "Always"},
+        "issuerRef": _dump(tls.issuer_ref),
+    }
+    if server:
+        hosts = server_hosts(job)
+        addresses = [h for h in hosts if pki.is_ip_address(h)]
+        spec |= {"commonName": hosts[0], "dnsNames": [h for h in hosts if h not in addresses],
+                 "uris": [pki.server_uri(job.namespace, job.name)],
+                 "usages": ["server auth", "digital signature"]}
+        if addresses:
+            spec["ipAddresses"] = addresses
+    else:
+        identity = pki.Identity(job.namespace, job.name, site)
+        spec |= {"commonName": identity.name, "uris": [identity.uri],
+                 "usages": ["client auth", "digital signature"]}
+    return {"apiVersion": CERTIFICATE_API_VERSION, "kind": "Certificate",
+            "metadata": _metadata(job, name, extra_labels=extra), "spec": spec}
+
+
+def certificates(job: FederatedJob) -> list[Manifest]:
+    """The Certificates of mode CertManager: the aggregator's, then each site's."""
+    return [certificate(job, None, server=True),
+            *(certificate(job, site) for site in identities(job))]
 
 
 def service(job: FederatedJob) -> Manifest:
     agg = job.spec.aggregator
+    metadata = _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR)
+    if agg.service.annotations:
+        metadata["annotations"] = dict(agg.service.annotations)
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR),
+        "metadata": metadata,
         "spec": {
+            "type": agg.service.type,
             "selector": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR},
             "ports": [
                 {"name": "grpc", "port": agg.port, "targetPort": "grpc", "protocol": "TCP"},
@@ -171,14 +280,19 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
         pod_labels[LABEL_POD_GROUP] = podgroup_name(job.name)
     mounts = [
         {"name": "config", "mountPath": _volume_dir(CONFIG_MOUNT_PATH), "readOnly": True},
-        {"name": "token", "mountPath": _volume_dir(TOKEN_MOUNT_PATH), "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": configmap_name(job.name)}},
-        {"name": "token", "secret": {"secretName": secret_name(job.name)}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if tls_enabled(job):
+        # The aggregator's key, or this site's: never another site's.
+        secret = server_secret_name(job.name) if role == ROLE_AGGREGATOR else \
+            site_secret_name(job.name, site.name if site is not None else None)
+        mounts.append({"name": "tls", "mountPath": TLS_MOUNT_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": secret,
+                                                  "defaultMode": TLS_FILE_MODE}})
     container: Manifest = {
         "name": role,
         "image": role_spec.image,
@@ -262,9 +376,14 @@ def client_pod(job: FederatedJob, index: int) -> Manifest:
 
 
 def network_policy(job: FederatedJob) -> Manifest:
-    """Only this job's clients reach the gRPC port; only the operator and namespaces labelled
+    """Only this job's clients reach the gRPC port (anyone, when the job is exposed to sites
+    outside the cluster: mutual TLS admits them); only the operator and namespaces labelled
     ``fedkube.io/monitoring: "true"`` (Prometheus) reach the metrics port."""
     agg = job.spec.aggregator
+    grpc_rule: Manifest = {"ports": [{"protocol": "TCP", "port": agg.port}]}
+    if not exposed(job):
+        grpc_rule["from"] = [{"podSelector": {"matchLabels": {LABEL_JOB: job.name,
+                                                              LABEL_ROLE: ROLE_CLIENT}}}]
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR),
@@ -272,9 +391,7 @@ def network_policy(job: FederatedJob) -> Manifest:
             "podSelector": {"matchLabels": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job.name,
-                                                           LABEL_ROLE: ROLE_CLIENT}}}],
-                 "ports": [{"protocol": "TCP", "port": agg.port}]},
+                grpc_rule,
                 {"from": [
                     {"namespaceSelector": {"matchLabels": {LABEL_MONITORING_NAMESPACE: "true"}}},
                     {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}},
@@ -314,9 +431,12 @@ def pods(job: FederatedJob) -> list[Manifest]:
     return [aggregator_pod(job), *client_pods(job)]
 
 
-def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
-    """Everything but the pods, in creation order (pods mount the ConfigMap and Secret)."""
-    out = [configmap(job), secret(job, token), service(job)]
+def support_objects(job: FederatedJob) -> list[Manifest]:
+    """Everything but the pods and the operator's own Secrets (see
+    :mod:`fedkube.controller.credentials`), in creation order."""
+    out = [configmap(job), service(job)]
+    if job.spec.security.tls.mode == "CertManager":
+        out += certificates(job)
     if job.spec.security.network_policy:
         out.append(network_policy(job))
     if job.spec.scheduling.gang:
@@ -326,6 +446,7 @@ def support_objects(job: FederatedJob, token: str) -> list[Manifest]:
     return out
 
 
-def all_objects(job: FederatedJob, token: str) -> list[Manifest]:
-    """What the operator creates for a fresh job (``fedkube render``)."""
-    return [*support_objects(job, token), *pods(job)]
+def all_objects(job: FederatedJob, secrets: list[Manifest]) -> list[Manifest]:
+    """What the operator creates for a fresh job (``fedkube render``), with the operator's
+    ``secrets`` made for it."""
+    return [*support_objects(job), *secrets, *pods(job)]

@@ -154,9 +154,10 @@ class Controller:
         await self.perform(kube, body, job, decision)
 
     async def observe(self, kube: Kube, job: FederatedJob) -> Observed:
-        pods = await kube.list("Pod", job.namespace, {LABEL_JOB: job.name})
-        wanted = [(m["kind"], m["metadata"]["name"])
-                  for m in builders.support_objects(job, token="")]
+        pods, secrets = await asyncio.gather(
+            kube.list("Pod", job.namespace, {LABEL_JOB: job.name}),
+            kube.list("Secret", job.namespace, {LABEL_JOB: job.name}))
+        wanted = [(m["kind"], m["metadata"]["name"]) for m in builders.support_objects(job)]
         found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in wanted))
         bodies = dict(zip(wanted, found, strict=True))
         support = frozenset(key for key, obj in bodies.items() if obj)
@@ -174,7 +175,8 @@ class Controller:
                     report = AggregatorReport.model_validate(raw)
                 except ValidationError:
                     logger.warning("ignoring a malformed report from %s", url)
-        return Observed(pods=pods, support=support, report=report, config=config)
+        return Observed(pods=pods, support=support, report=report, config=config,
+                        secrets={s["metadata"]["name"]: s for s in secrets})
 
     async def perform(self, kube: Kube, body: dict[str, Any], job: FederatedJob,
                       decision: Decision) -> None:

@@ -15,19 +15,48 @@ import kopf
 
 from fedkube.api.constants import API_VERSION, PLURAL
 
-#: kind -> (API path prefix, plural) of everything the operator reads or writes.
-RESOURCES: dict[str, tuple[str, str]] = {
-    "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings"),
-    "KopfPeering": ("/apis/kopf.dev/v1", "kopfpeerings"),
-    "Pod": ("/api/v1", "pods"),
-    "ConfigMap": ("/api/v1", "configmaps"),
-    "Secret": ("/api/v1", "secrets"),
-    "Service": ("/api/v1", "services"),
-    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
-    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
-    "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
-    "FederatedJob": (f"/apis/{API_VERSION}", PLURAL),
+
+@dataclass(frozen=True)
+class Resource:
+    """A kind the operator touches: where it lives and the verbs the operator uses on it (the
+    chart's RBAC grants exactly these; a call with another verb fails here, in every test)."""
+
+    prefix: str
+    plural: str
+    verbs: frozenset[str]
+    status_verbs: frozenset[str] = frozenset()
+    """Verbs on the ``status`` subresource."""
+
+
+def _resource(prefix: str, plural: str, *verbs: str, status: tuple[str, ...] = ()) -> Resource:
+    return Resource(prefix, plural, frozenset(verbs), frozenset(status))
+
+
+#: Everything the operator reads or writes through :class:`Kube` (kopf's own watches and
+#: peering are kopf's business).
+RESOURCES: dict[str, Resource] = {
+    "ClusterKopfPeering": _resource("/apis/kopf.dev/v1", "clusterkopfpeerings", "get", "create"),
+    "KopfPeering": _resource("/apis/kopf.dev/v1", "kopfpeerings", "get", "create"),
+    "Pod": _resource("/api/v1", "pods", "list", "create", "delete"),
+    "ConfigMap": _resource("/api/v1", "configmaps", "get", "create", "patch", "delete"),
+    "Secret": _resource("/api/v1", "secrets", "list", "create", "patch", "delete"),
+    "Service": _resource("/api/v1", "services", "get", "create", "delete"),
+    "PersistentVolumeClaim": _resource("/api/v1", "persistentvolumeclaims",
+                                       "get", "create", "delete"),
+    "NetworkPolicy": _resource("/apis/networking.k8s.io/v1", "networkpolicies",
+                               "get", "create", "delete"),
+    "PodGroup": _resource("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups",
+                          "get", "create", "delete"),
+    "Certificate": _resource("/apis/cert-manager.io/v1", "certificates",
+                             "get", "create", "delete"),
+    "FederatedJob": _resource(f"/apis/{API_VERSION}", PLURAL, "get", "patch", "delete",
+                              status=("patch",)),
 }
+
+
+class UndeclaredAccess(RuntimeError):
+    """A call the operator's RBAC would not allow: declare the verb in :data:`RESOURCES` (and
+    so in the chart) or do not make the call."""
 
 
 class KubeError(RuntimeError):
@@ -69,13 +98,17 @@ class Kube:
         await self.session.close()
         await self.plain.close()
 
-    def url(self, kind: str, namespace: str | None, name: str | None = None,
+    def url(self, verb: str, kind: str, namespace: str | None, name: str | None = None,
             subresource: str | None = None) -> str:
-        """The object's (or, without a name, the collection's) URL; a cluster-scoped kind has
-        no namespace."""
-        prefix, plural = RESOURCES[kind]
+        """The object's (or, without a name, the collection's) URL, for a call with ``verb``;
+        a cluster-scoped kind has no namespace."""
+        resource = RESOURCES[kind]
+        allowed = resource.status_verbs if subresource == "status" else resource.verbs
+        if verb not in allowed:
+            raise UndeclaredAccess(f"{verb} on {resource.plural}"
+                                   + (f"/{subresource}" if subresource else ""))
         scope = f"/namespaces/{namespace}" if namespace else ""
-        url = f"{self.server}{prefix}{scope}/{plural}"
+        url = f"{self.server}{resource.prefix}{scope}/{resource.plural}"
         return url + (f"/{name}" if name else "") + (f"/{subresource}" if subresource else "")
 
     async def _request(self, method: str, url: str, ok: tuple[int, ...] = (),
@@ -90,14 +123,14 @@ class Kube:
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
-        return await self._request("GET", self.url(kind, namespace, name), ok=(404,))
+        return await self._request("GET", self.url("get", kind, namespace, name), ok=(404,))
 
     async def list(self, kind: str, namespace: str,
                    labels: dict[str, str]) -> list[dict[str, Any]]:
         """Objects with these labels. Filtered here too: selectors are only a hint to the
         server (and some test servers ignore them)."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        body = await self._request("GET", self.url(kind, namespace),
+        body = await self._request("GET", self.url("list", kind, namespace),
                                    params={"labelSelector": selector})
         items = (body or {}).get("items") or []
         return [o for o in items if all(
@@ -106,21 +139,22 @@ class Kube:
     async def create(self, manifest: dict[str, Any]) -> bool:
         """Create; False when it already exists (409), which is as good as created."""
         meta = manifest["metadata"]
-        created = await self._request("POST", self.url(manifest["kind"], meta.get("namespace")),
-                                      ok=(409,), json=manifest)
+        url = self.url("create", manifest["kind"], meta.get("namespace"))
+        created = await self._request("POST", url, ok=(409,), json=manifest)
         return created is not None
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete (in the background); False when it was already gone (404)."""
         deleted = await self._request(
-            "DELETE", self.url(kind, namespace, name), ok=(404,),
+            "DELETE", self.url("delete", kind, namespace, name), ok=(404,),
             json={"kind": "DeleteOptions", "apiVersion": "v1",
                   "propagationPolicy": "Background"})
         return deleted is not None
 
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any],
                           subresource: str | None = None) -> None:
-        await self._request("PATCH", self.url(kind, namespace, name, subresource), ok=(404,),
+        await self._request("PATCH", self.url("patch", kind, namespace, name, subresource),
+                            ok=(404,),
                             json=patch,
                             headers={"Content-Type": "application/merge-patch+json"})
 

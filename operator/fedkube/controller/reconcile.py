@@ -2,25 +2,25 @@
 
 Given what exists, it says what to create and delete, which Events to post and what the
 status becomes. It never talks to a cluster, so every rule is unit-tested without a server,
-and running it twice on the same observation gives the same answer (idempotent): the glue
-in :mod:`fedkube.controller.handlers` performs the actions, treating 409 and 404 as done.
+and running it twice on the same observation gives the same answer (idempotent; only the
+random keys of certificates it issues differ): the glue in :mod:`fedkube.controller.handlers`
+performs the actions, treating 409 and 404 as done.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from fedkube.api import FederatedJob
-from fedkube.api.constants import GROUP, LABEL_ROLE, ROLE_CLIENT
+from fedkube.api.constants import GROUP, LABEL_ROLE, LABEL_SITE, ROLE_CLIENT
 from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport, last_line
 from fedkube.api.status import Condition, ConditionType, FederatedJobStatus, Phase
-from fedkube.controller import builders
+from fedkube.controller import builders, credentials
 from fedkube.controller.builders import Manifest
 
 #: Annotation on the job holding the hash of the spec parts a started job cannot change.
@@ -78,6 +78,8 @@ class Observed:
     """The aggregator's ``/status``, when it answered."""
     config: dict[str, str] | None = None
     """The data of the job's ConfigMap, when it exists."""
+    secrets: dict[str, Manifest] = field(default_factory=dict)
+    """The job's Secrets (labelled with it) by name: its CA and certificates."""
 
 
 @dataclass
@@ -186,8 +188,8 @@ class _Reconciler:
     """One pass of the decision; a class only to share the pass's state between steps."""
 
     def __init__(self, job: FederatedJob, generation: int, annotations: dict[str, str],
-                 observed: Observed, now: datetime, new_token: Callable[[], str]) -> None:
-        self.job, self.observed, self.now, self.new_token = job, observed, now, new_token
+                 observed: Observed, now: datetime) -> None:
+        self.job, self.observed, self.now = job, observed, now
         self.spec = job.spec
         self.status = (job.status or FederatedJobStatus()).model_copy(
             update={"observed_generation": generation, "rounds": self.spec.rounds})
@@ -309,6 +311,7 @@ class _Reconciler:
             return
         self.scale_down()
         self.sync_config()
+        self.revoke_removed_sites()
         self.create_missing()
         self.update_running()
 
@@ -390,16 +393,29 @@ class _Reconciler:
                        "clients" + (f" in {len(self.spec.sites)} sites" if self.spec.sites
                                     else ""))
 
+    def revoke_removed_sites(self) -> None:
+        """A site removed from the spec loses its certificate's Secret (and Certificate); the
+        aggregator refuses it once it reads the ConfigMap that :meth:`sync_config` updated."""
+        for name in credentials.stale_site_secrets(self.job, self.observed.secrets):
+            self.decision.actions.append(Delete("Secret", name))
+            if self.spec.security.tls.mode == "CertManager":
+                self.decision.actions.append(Delete("Certificate", name))
+            site = self.observed.secrets[name]["metadata"]["labels"][LABEL_SITE]
+            self.event("Normal", "SiteRevoked",
+                       f"site {site} is no longer in the job: deleted its certificate {name}; "
+                       "the aggregator refuses it")
+
     def create_missing(self) -> None:
         job = self.job
-        wanted = builders.support_objects(job, token="")
-        for manifest in wanted:
-            key = (manifest["kind"], manifest["metadata"]["name"])
-            if key in self.observed.support:
-                continue
-            if manifest["kind"] == "Secret":
-                manifest = builders.secret(job, self.new_token())
-            self.decision.actions.append(Create(manifest))
+        for manifest in builders.support_objects(job):
+            if (manifest["kind"], manifest["metadata"]["name"]) not in self.observed.support:
+                self.decision.actions.append(Create(manifest))
+        plan = credentials.plan_secrets(job, self.observed.secrets, self.now)
+        self.decision.actions += [Create(manifest) for manifest in plan.create]
+        for manifest in plan.replace:
+            self.decision.actions.append(Update("Secret", manifest["metadata"]["name"], {
+                "metadata": {"annotations": manifest["metadata"].get("annotations")},
+                "stringData": manifest["stringData"]}))
         missing = [pod for name, pod in self.desired_pods().items() if name not in self.pods]
         for pod in missing:
             self.decision.actions.append(Create(pod))
@@ -408,6 +424,10 @@ class _Reconciler:
             message = f"created the aggregator and {len(missing) - 1} client pods"
             self.update(start_time=self.now, message=message)
             self.condition(ConditionType.CREATED, True, "ChildrenCreated", message, "Normal")
+            if not builders.tls_enabled(job):
+                self.event("Warning", "PlaintextTransport",
+                           "spec.security.tls.mode is Disabled: gRPC is plaintext and any "
+                           "client that reaches the aggregator can join")
 
     def update_running(self) -> None:
         aggregator = self.pods.get(builders.aggregator_name(self.job.name))
@@ -443,10 +463,10 @@ class _Reconciler:
 
 
 def reconcile(job: FederatedJob, observed: Observed, now: datetime, *, generation: int = 0,
-              annotations: dict[str, str] | None = None,
-              new_token: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> Decision:
-    """Decide what to do for ``job`` given what exists; pure apart from ``new_token``."""
-    return _Reconciler(job, generation, annotations or {}, observed, now, new_token).run()
+              annotations: dict[str, str] | None = None) -> Decision:
+    """Decide what to do for ``job`` given what exists; pure apart from the random keys of
+    the certificates it issues."""
+    return _Reconciler(job, generation, annotations or {}, observed, now).run()
 
 
 __all__ = ["ANNOTATION_ACCEPTED_SPEC", "Action", "Create", "Decision",

@@ -9,7 +9,6 @@ memory does not grow with the number of clients.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -29,14 +28,15 @@ import grpc
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedkube.api import JobMetrics
+from fedkube import pki
+from fedkube.api import FederatedJobSpec, JobMetrics
 from fedkube.api.runtime import (
     AggregatorPhase,
     AggregatorReport,
     ConfigurationError,
     RuntimeConfig,
 )
-from fedkube.federation import checkpoint, protocol, transport
+from fedkube.federation import checkpoint, protocol, security, transport
 from fedkube.federation.metrics import AggregatorMetrics
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
@@ -57,6 +57,8 @@ FINISH_GRACE_SECONDS = 10.0
 #: have joined (bounded by ``roundTimeoutSeconds`` too): client pods start seconds apart, and a
 #: round sampled from the first few to join would leave the others idle for a whole round.
 JOIN_GRACE_SECONDS = 30.0
+#: How often the aggregator looks for a changed configuration file (a site removed: revoked).
+CONFIG_POLL_SECONDS = 2.0
 #: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
 #: otherwise grow with the number of sampled clients.
 MAX_CONCURRENT_SENDS = 4
@@ -72,21 +74,6 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_token(config: RuntimeConfig) -> str | None:
-    if config.token_file is None:
-        return None
-    try:
-        token = Path(config.token_file).read_text().strip()
-    except OSError as error:
-        raise ConfigurationError(
-            f"token_file {config.token_file}: {error.strerror}; mount the job's Secret there "
-            "(the operator does) or drop token_file to run without a credential") from None
-    if not token:
-        raise ConfigurationError(
-            f"token_file {config.token_file} is empty: write the job's credential")
-    return token
-
-
 def sample_size(connected: int, fraction_fit: float, min_clients: int) -> int:
     """Clients to sample: ``fractionFit`` of those connected, at least ``minClients``."""
     return min(connected, max(min_clients, math.ceil(fraction_fit * connected)))
@@ -96,6 +83,8 @@ def sample_size(connected: int, fraction_fit: float, min_clients: int) -> int:
 class ClientInfo:
     index: int
     last_seen: float
+    identity: pki.Identity | None
+    """The certificate's identity that joined (None with TLS disabled)."""
 
 
 @dataclass
@@ -145,7 +134,8 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
         self.spec = config.spec
-        self.token = read_token(config)
+        self.admission = security.Admission(config.namespace, config.job_name, self.spec,
+                                            tls=config.tls_dir is not None)
         self.device = select_device()
         self.task = load_task(self.spec.task.entrypoint)
         self.model = self.task.model(self.spec.task.config).to(self.device)
@@ -195,36 +185,69 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
 
     # ---- gRPC ------------------------------------------------------------------------------
 
+    def _refuse(self, context: grpc.ServicerContext, refused: security.Refused) -> NoReturn:
+        self.metrics.refusals[refused.reason].inc()
+        log.warning("refused a call from %s (%s): %s", context.peer(), refused.reason, refused)
+        _abort(context, refused.code, str(refused))
+
+    def _identify(self, context: grpc.ServicerContext) -> pki.Identity | None:
+        """The caller's identity from its verified certificate (refused if it has none here)."""
+        if self.admission.new_session(context.peer()):
+            self.metrics.tls_sessions.inc()
+        try:
+            return self.admission.identify(context.auth_context())
+        except security.Refused as refused:
+            self._refuse(context, refused)
+
     def _authenticate(self, context: grpc.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata())
-        if self.token is not None and not hmac.compare_digest(
-                str(metadata.get(protocol.TOKEN_KEY, "")), f"Bearer {self.token}"):
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing job credential")
-        client_id = str(metadata.get(protocol.CLIENT_ID_KEY, ""))
+        """The caller's client id, which must belong to the certificate that joined with it."""
+        identity = self._identify(context)
+        client_id = str(dict(context.invocation_metadata()).get(protocol.CLIENT_ID_KEY, ""))
         with self._cond:
             info = self.clients.get(client_id)
             if info is None:
                 _abort(context, grpc.StatusCode.NOT_FOUND,
                        f"unknown client id {client_id!r}: join again")
+            if info.identity != identity:
+                self._refuse(context, security.Refused(
+                    "wrong_session", grpc.StatusCode.PERMISSION_DENIED,
+                    f"client id {client_id} belongs to another site"))
             info.last_seen = time.monotonic()
         return client_id
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        if self.token is not None and not hmac.compare_digest(request.token, self.token):
-            log.warning("refused a join from %s (index %d): wrong credential",
-                        context.peer(), request.index)
-            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "wrong job credential")
-        client_id = f"client-{request.index}-{uuid.uuid4().hex[:8]}"
+        identity = self._identify(context)
+        try:
+            index = self.admission.index_for(identity, request.index, request.site_replica)
+        except security.Refused as refused:
+            self._refuse(context, refused)
+        client_id = f"client-{index}-{uuid.uuid4().hex[:8]}"
         with self._cond:
-            # A restarted client takes its index back; its old session is gone.
-            for old in [c for c, i in self.clients.items() if i.index == request.index]:
+            # A restarted client takes its index back (only its own site can hold that index);
+            # its old session is gone.
+            for old in [c for c, i in self.clients.items() if i.index == index]:
                 del self.clients[old]
-            self.clients[client_id] = ClientInfo(request.index, time.monotonic())
+            self.clients[client_id] = ClientInfo(index, time.monotonic(), identity)
             self.metrics.clients_connected.set(len(self._connected(time.monotonic())))
             self._cond.notify_all()
-        log.info("client %s joined (index %d)", client_id, request.index)
-        return pb.JoinReply(client_id=client_id,
+        log.info("client %s joined (index %d%s)", client_id, index,
+                 f", site {identity.name}" if identity is not None else "")
+        return pb.JoinReply(client_id=client_id, index=index,
                             spec_json=self.spec.model_dump_json(by_alias=True))
+
+    def revoke(self, spec: FederatedJobSpec) -> None:
+        """Take the sites of a changed spec: sessions of sites no longer in it end now, and
+        their certificates are refused from now on."""
+        revoked = self.admission.set_spec(spec)
+        if not revoked:
+            return
+        with self._cond:
+            for client_id in [c for c, i in self.clients.items()
+                              if i.identity is not None and i.identity.site in revoked]:
+                del self.clients[client_id]
+            self._cond.notify_all()
+        log.warning("revoked %s: no longer in the job's sites",
+                    ", ".join(sorted(site or pki.CLIENTS for site in revoked)))
 
     def _next_assignment(self, client_id: str, deadline: float, context: grpc.ServicerContext,
                          ) -> Dispatch | None:
@@ -277,12 +300,10 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         header = first.header
         with self._fold_lock:
             state = self.current
-            if (state is None or state.closed or header.round != state.number
-                    or client_id not in state.dispatched or client_id in state.answered):
-                self.metrics.updates["late"].inc()
-                log.info("late update from %s for round %d ignored", client_id, header.round)
-                return pb.PushUpdateReply(status=pb.PushUpdateReply.LATE,
-                                          reason="the round is over or was not yours")
+            unwanted = self._unwanted(state, client_id, header.round)
+            if unwanted is not None:
+                return pb.PushUpdateReply(status=pb.PushUpdateReply.LATE, reason=unwanted)
+            assert isinstance(state, RoundState)
             reason = self._receive_and_fold(state, header, request_iterator)
             with self._cond:
                 state.answered.add(client_id)
@@ -314,10 +335,9 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
                    "count of at least 0")
         with self._cond:
             state = self.evaluating
-            if (state is None or state.closed or request.round != state.number
-                    or client_id not in state.dispatched or client_id in state.answered):
-                self.metrics.evaluations["late"].inc()
+            if self._unwanted(state, client_id, request.round, self.metrics.evaluations):
                 return pb.PushEvaluationReply(status=pb.PushEvaluationReply.LATE)
+            assert state is not None
             state.answered.add(client_id)
             state.examples += request.num_examples
             state.loss_sum += request.loss * request.num_examples
@@ -325,6 +345,24 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
             self._cond.notify_all()
         self.metrics.evaluations["accepted"].inc()
         return pb.PushEvaluationReply(status=pb.PushEvaluationReply.ACCEPTED)
+
+    def _unwanted(self, state: Dispatch | None, client_id: str, number: int,
+                  late: dict[str, Any] | None = None) -> str | None:
+        """Why a client's answer for round ``number`` is not taken, counted; None if it is.
+        Sent twice (a replay) or unasked (not sampled) is a refusal; after the round, late."""
+        if state is not None and not state.closed and number == state.number:
+            if client_id in state.answered:
+                reason, why = "duplicate", "this round already has your answer"
+            elif client_id not in state.dispatched:
+                reason, why = "not_sampled", "you were not sampled into this round"
+            else:
+                return None
+            self.metrics.refusals[reason].inc()
+            log.warning("refused an answer from %s for round %d: %s", client_id, number, why)
+            return why
+        (late or self.metrics.updates)["late"].inc()
+        log.info("late answer from %s for round %d ignored", client_id, number)
+        return "the round is over"
 
     def _receive_and_fold(self, state: RoundState, header: pb.UpdateHeader,
                           chunks: Iterator[pb.UpdateChunk]) -> str | None:
@@ -617,25 +655,55 @@ def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def serve(config: RuntimeConfig) -> int:
-    """Run the aggregator of ``config`` with its gRPC and HTTP servers; the exit code."""
+def watch_config(aggregator: Aggregator, path: Path, stop: threading.Event) -> None:
+    """Apply the sites of the configuration file whenever it changes: the operator rewrites
+    the job's ConfigMap in the reconcile that sees a site removed, and the kubelet updates the
+    mounted file (``fedkube run`` writes it directly)."""
+    seen = path.read_bytes()
+    while not stop.wait(CONFIG_POLL_SECONDS):
+        try:
+            current = path.read_bytes()
+            if current == seen:
+                continue
+            seen = current
+            aggregator.revoke(RuntimeConfig.from_file(path).spec)
+        except (OSError, ConfigurationError) as error:
+            log.warning("cannot read the changed configuration %s: %s", path, error)
+
+
+def serve(config: RuntimeConfig, config_path: Path | None = None) -> int:
+    """Run the aggregator of ``config`` with its gRPC and HTTP servers; the exit code.
+    ``config_path``, when given, is watched for sites removed from the job."""
     aggregator = Aggregator(config)
     spec = config.spec
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * spec.num_clients + 16),
         options=protocol.channel_options(spec.transport.chunk_bytes))
     pb_grpc.add_FederationServicer_to_server(aggregator, server)
-    server.add_insecure_port(f"{config.bind_address}:{spec.aggregator.port}")
+    address = f"{config.bind_address}:{spec.aggregator.port}"
+    if config.tls_dir is None:
+        log.warning("plaintext gRPC and no client identities (spec.security.tls.mode "
+                    "Disabled): anyone who reaches %s can join", address)
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, security.server_credentials(
+            config.tls_dir, aggregator.metrics.tls_handshakes.inc))
     handler = type("Handler", (_HttpHandler,), {"aggregator": aggregator})
     http = ThreadingHTTPServer((config.bind_address, spec.aggregator.metrics_port), handler)
     http.daemon_threads = True
     threading.Thread(target=http.serve_forever, name="http", daemon=True).start()
+    stop = threading.Event()
+    if config_path is not None:
+        threading.Thread(target=watch_config, args=(aggregator, config_path, stop),
+                         name="config", daemon=True).start()
     server.start()
-    log.info("aggregator of %s/%s listening on %s:%d (metrics on :%d), device %s",
-             config.namespace, config.job_name, config.bind_address, spec.aggregator.port,
-             spec.aggregator.metrics_port, aggregator.device)
+    log.info("aggregator of %s/%s listening on %s (%s; metrics on :%d), device %s",
+             config.namespace, config.job_name, address,
+             "mutual TLS" if config.tls_dir else "plaintext", spec.aggregator.metrics_port,
+             aggregator.device)
     try:
         return aggregator.run()
     finally:
+        stop.set()
         server.stop(grace=1.0).wait()
         http.shutdown()

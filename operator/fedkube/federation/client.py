@@ -3,7 +3,10 @@
 Connection trouble (the aggregator not up yet, restarted, briefly unreachable) is retried
 with capped exponential backoff; an aggregator that forgot the client (it restarted) is
 joined again. The client exits 0 when the aggregator says the job is finished, and 2 when
-its credential is refused (retrying cannot fix that).
+its certificate is refused (retrying cannot fix that).
+
+A client in a pod reads the job's RuntimeConfig; a site outside the cluster has only a join
+bundle (:mod:`fedkube.bundle`) and learns the spec, and its index, from the aggregator.
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
+from fedkube import pki
 from fedkube.api import FederatedJobSpec
 from fedkube.api.runtime import ConfigurationError, RuntimeConfig
-from fedkube.federation import protocol, transport
-from fedkube.federation.aggregator import read_token, select_device
+from fedkube.api.spec import MAX_CHUNK_BYTES
+from fedkube.bundle import Bundle
+from fedkube.federation import protocol, security, transport
+from fedkube.federation.aggregator import select_device
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.tasks.base import ClientContext, Validator, load_task
@@ -32,25 +39,72 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
+_REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
 class CredentialRefused(ConfigurationError):
-    """The aggregator refused the job credential: a new pod would present the same one."""
+    """The aggregator refused this client's certificate: a new pod would present the same."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client dials, as whom, and for which job."""
+
+    address: str
+    tls: security.TlsFiles | None
+    namespace: str
+    job: str
+    chunk_bytes: int = MAX_CHUNK_BYTES
+    """The largest gRPC message expected, before the job's spec is known."""
+
+    def check(self) -> pki.Identity | None:
+        """This client's identity: its certificate is valid now and for this job."""
+        if self.tls is None:
+            return None
+        self.tls.check_valid()
+        try:
+            identity = pki.identity_of(self.tls.certificate())
+        except pki.InvalidIdentity as error:
+            raise ConfigurationError(f"the client certificate: {error}") from None
+        if (identity.namespace, identity.job) != (self.namespace, self.job):
+            raise ConfigurationError(
+                f"the client certificate is for job {identity.namespace}/{identity.job}, not "
+                f"{self.namespace}/{self.job}: mount this job's TLS Secret, or use its bundle")
+        return identity
+
+    @classmethod
+    def of_config(cls, config: RuntimeConfig, tls_dir: Path | None = None) -> Endpoint:
+        folder = tls_dir or config.tls_dir
+        return cls(config.aggregator_address,
+                   security.TlsFiles.read(folder) if folder is not None else None,
+                   config.namespace, config.job_name, config.spec.transport.chunk_bytes)
+
+    @classmethod
+    def of_bundle(cls, bundle: Bundle) -> Endpoint:
+        return cls(bundle.address, bundle.files, bundle.namespace, bundle.job)
 
 
 class Client:
-    """One client of one job."""
+    """One client of one job: index ``index``, or (None) the ``replica``-th of the site its
+    certificate names. ``spec`` is the job's as the pod's configuration has it (None: the
+    aggregator's)."""
 
-    def __init__(self, config: RuntimeConfig, index: int, data_dir: Path | None = None) -> None:
-        self.config = config
+    def __init__(self, endpoint: Endpoint, index: int | None, *, replica: int = 0,
+                 spec: FederatedJobSpec | None = None, data_dir: Path | None = None) -> None:
+        self.endpoint = endpoint
+        self.identity = endpoint.check()
         self.index = index
+        self.replica = replica
+        self.local_spec = spec
         self.data_dir = data_dir
-        self.token = read_token(config)
         self.device = select_device()
-        self.channel = grpc.insecure_channel(
-            config.aggregator_address,
-            options=protocol.channel_options(config.spec.transport.chunk_bytes))
+        credentials = security.channel_credentials(endpoint.tls) if endpoint.tls else None
+        options = protocol.channel_options(endpoint.chunk_bytes)
+        self.channel = grpc.secure_channel(endpoint.address, credentials, options=options) \
+            if credentials is not None else grpc.insecure_channel(endpoint.address, options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.client_id = ""
-        self.spec: FederatedJobSpec = config.spec
+        self.spec = spec
         self._model: torch.nn.Module | None = None
         self._data: object = None
         self._buffer: dict[str, torch.Tensor] | None = None
@@ -59,51 +113,62 @@ class Client:
         delay = BACKOFF_START
         while True:
             try:
-                reply = self.stub.Join(pb.JoinRequest(token=self.token or "", index=self.index),
-                                       wait_for_ready=True, timeout=30)
+                reply = self.stub.Join(
+                    pb.JoinRequest(index=-1 if self.index is None else self.index,
+                                   site_replica=self.replica),
+                    wait_for_ready=True, timeout=30)
                 break
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                if error.code() in _REFUSED:
                     raise self._refused(error) from error
                 if error.code() not in _RETRYABLE:
                     raise
                 log.info("aggregator at %s not reachable (%s); retrying in %.1fs",
-                         self.config.aggregator_address, error.code().name, delay)
+                         self.endpoint.address, error.code().name, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.client_id = reply.client_id
+        self.index = reply.index
         self.spec = FederatedJobSpec.model_validate_json(reply.spec_json)
-        log.info("joined as %s", self.client_id)
+        log.info("joined as %s (index %d%s)", self.client_id, self.index,
+                 f", site {self.identity.name}" if self.identity else "")
+
+    @property
+    def _spec(self) -> FederatedJobSpec:
+        """The job's spec as the aggregator sent it when this client joined."""
+        assert self.spec is not None, "join first"
+        return self.spec
 
     def _setup(self) -> None:
         """Model and data, built once: the data split is the same on every round."""
-        task = load_task(self.spec.task.entrypoint)
+        task = load_task(self._spec.task.entrypoint)
         self.task = task
-        self._model = task.model(self.spec.task.config).to(self.device)
-        self._data = task.client_data(self.context(), self.spec.task.config)
+        self._model = task.model(self._spec.task.config).to(self.device)
+        self._data = task.client_data(self.context(), self._spec.task.config)
 
     def context(self) -> ClientContext:
         """Who this client is, from the spec: its site, and the site's data directory (the
         mounted volume, unless ``--data-dir`` names another)."""
         # The pod's own configuration places it: a client added by scaling up is in it, and
         # the aggregator's copy of the spec may predate the change.
-        slot = self.config.spec.client_slots()[self.index]
+        spec = self.local_spec or self.spec
+        assert spec is not None and self.index is not None
+        slot = spec.client_slots()[self.index]
         site = slot.site
         data_dir = self.data_dir or (Path(site.data.mount_path) if site is not None else None)
-        return ClientContext(index=self.index, num_clients=self.config.spec.num_clients,
-                             partitioning=self.spec.clients.data.partitioning,
+        return ClientContext(index=self.index, num_clients=spec.num_clients,
+                             partitioning=self._spec.clients.data.partitioning,
                              site=site.name if site is not None else None,
                              site_index=slot.site_index,
                              site_replicas=site.replicas if site is not None else 1,
                              data_dir=data_dir)
 
     def _refused(self, error: grpc.RpcError) -> CredentialRefused:
-        return CredentialRefused(
-            f"the aggregator refused this client's credential ({error.details()}): check "
-            f"token_file {self.config.token_file} against the job's Secret")
+        who = f"site {self.identity.name}" if self.identity else "this client"
+        return CredentialRefused(f"the aggregator refused {who}: {error.details()}")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return protocol.auth_metadata(self.token, self.client_id)
+        return ((protocol.CLIENT_ID_KEY, self.client_id),)
 
     def _receive_model(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
         """Load the streamed global model into the local one."""
@@ -122,8 +187,8 @@ class Client:
         if not isinstance(self.task, Validator):
             raise ConfigurationError(
                 f"the aggregator asks for federated evaluation, but the task "
-                f"{self.spec.task.entrypoint} has no validate(model, data, config, device)")
-        result = self.task.validate(self._model, self._data, self.spec.task.config,
+                f"{self._spec.task.entrypoint} has no validate(model, data, config, device)")
+        result = self.task.validate(self._model, self._data, self._spec.task.config,
                                     device=self.device)
         self.stub.PushEvaluation(pb.EvaluationReport(
             round=header.round, num_examples=result.num_examples, loss=float(result.loss),
@@ -135,10 +200,10 @@ class Client:
     def _train(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
         assert self._model is not None
         self._receive_model(header, chunks)
-        result = self.task.train(self._model, self._data, self.spec.task.config,
+        result = self.task.train(self._model, self._data, self._spec.task.config,
                                  device=self.device, proximal_mu=header.proximal_mu)
         wire = transport.encode(self._model.state_dict(),
-                                transport.TRANSFER_DTYPES[self.spec.transport.update_dtype])
+                                transport.TRANSFER_DTYPES[self._spec.transport.update_dtype])
         update_header = pb.UpdateHeader(
             round=header.round, num_examples=result.num_examples,
             metrics={k: float(v) for k, v in result.metrics.items()},
@@ -146,7 +211,7 @@ class Client:
 
         def messages() -> Iterator[pb.UpdateChunk]:
             yield pb.UpdateChunk(header=update_header)
-            for data in transport.iter_chunks(wire, self.spec.transport.chunk_bytes):
+            for data in transport.iter_chunks(wire, self._spec.transport.chunk_bytes):
                 yield pb.UpdateChunk(data=data)
 
         reply = self.stub.PushUpdate(messages(), metadata=self._metadata())
@@ -183,7 +248,7 @@ class Client:
                     delay = BACKOFF_START
                 except grpc.RpcError as error:
                     code = error.code()
-                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                    if code in _REFUSED:
                         raise self._refused(error) from error
                     if code == grpc.StatusCode.NOT_FOUND:
                         log.info("the aggregator forgot this client (restarted?); joining again")
@@ -198,11 +263,25 @@ class Client:
             self.channel.close()
 
 
-def serve(config: RuntimeConfig, index: int, data_dir: Path | None = None) -> int:
+def serve(config: RuntimeConfig, index: int, data_dir: Path | None = None,
+          tls_dir: Path | None = None) -> int:
+    """Client ``index`` of the job in ``config`` (a pod, or a ``fedkube run`` process)."""
     count = config.spec.num_clients
     if not 0 <= index < count:
         what = "the sites' replicas" if config.spec.sites else "spec.clients.replicas"
         raise ConfigurationError(f"--index {index} is outside 0..{count - 1} ({what})")
+    _check_data_dir(data_dir)
+    return Client(Endpoint.of_config(config, tls_dir), index, spec=config.spec,
+                  data_dir=data_dir).run()
+
+
+def serve_bundle(bundle: Bundle, replica: int, data_dir: Path | None) -> int:
+    """The ``replica``-th client of the site a join bundle is for (a site outside the
+    cluster)."""
+    _check_data_dir(data_dir)
+    return Client(Endpoint.of_bundle(bundle), None, replica=replica, data_dir=data_dir).run()
+
+
+def _check_data_dir(data_dir: Path | None) -> None:
     if data_dir is not None and not data_dir.is_dir():
-        raise ConfigurationError(f"--data-dir {data_dir} is not a directory")
-    return Client(config, index, data_dir).run()
+        raise ConfigurationError(f"the data directory {data_dir} is not a directory")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fedkube.federation.security import REFUSAL_REASONS
+
 LABELS = ("job", "namespace")
 
 #: Buckets for round and aggregation durations: from a fast CPU toy to hour-long LLM rounds.
@@ -74,6 +76,20 @@ class AggregatorMetrics:
                               (*LABELS, "status"), registry=self.registry)
         self.evaluations = {s: evaluations.labels(status=s, **labels)
                             for s in EVALUATION_STATUSES}
+        refusals = Counter(
+            "fedkube_refusals_total",
+            "Calls refused after the TLS handshake, by reason: another job's or a removed "
+            "site's certificate, an index not the site's, a replayed or unsampled update...",
+            (*LABELS, "reason"), registry=self.registry)
+        self.refusals = {r: refusals.labels(reason=r, **labels) for r in REFUSAL_REASONS}
+        self.tls_handshakes = counter(
+            "fedkube_tls_handshakes_total",
+            "TLS handshakes begun on the gRPC port (connections attempted).")
+        self.tls_sessions = counter(
+            "fedkube_tls_sessions_total",
+            "Connections that completed the mutual TLS handshake and made a call. Handshakes "
+            "minus sessions: connections refused by TLS (no certificate, another CA, expired, "
+            "plaintext).")
         self.round_failures = counter(
             "fedkube_round_failures_total",
             "Rounds retried because fewer than minClients answered before the timeout.")

@@ -28,12 +28,12 @@ def _setup(role: str) -> None:
         torch.set_num_interop_threads(1)
 
 
-def _run(role: str, main: Callable[[RuntimeConfig], int], config_path: Path) -> int:
-    """``main`` on the config at ``config_path``. A configuration error becomes one log line,
-    the pod's termination message and :data:`EXIT_INVALID_CONFIGURATION`, not a traceback."""
+def _run(role: str, main: Callable[[], int]) -> int:
+    """``main()``. A configuration error becomes one log line, the pod's termination message
+    and :data:`EXIT_INVALID_CONFIGURATION`, not a traceback."""
     _setup(role)
     try:
-        return main(RuntimeConfig.from_file(config_path))
+        return main()
     except ConfigurationError as error:
         logging.getLogger(f"fedkube.{role}").error("invalid configuration: %s", error)
         if TERMINATION_LOG.exists():
@@ -44,10 +44,21 @@ def _run(role: str, main: Callable[[RuntimeConfig], int], config_path: Path) -> 
 def run_aggregator(config_path: Path) -> int:
     from fedkube.federation.aggregator import serve
 
-    return _run("aggregator", serve, config_path)
+    return _run("aggregator", lambda: serve(RuntimeConfig.from_file(config_path), config_path))
 
 
-def run_client(config_path: Path, index: int, data_dir: Path | None = None) -> int:
+def run_client(config_path: Path, index: int, data_dir: Path | None = None,
+               tls_dir: Path | None = None) -> int:
     from fedkube.federation.client import serve
 
-    return _run(f"client-{index}", lambda config: serve(config, index, data_dir), config_path)
+    return _run(f"client-{index}", lambda: serve(RuntimeConfig.from_file(config_path), index,
+                                                 data_dir, tls_dir))
+
+
+def run_bundle_client(bundle_path: Path, replica: int, data_dir: Path | None) -> int:
+    """A site outside the cluster: its join bundle instead of the job's configuration."""
+    from fedkube.bundle import Bundle
+    from fedkube.federation.client import serve_bundle
+
+    return _run(f"client-{replica}", lambda: serve_bundle(Bundle.read(bundle_path), replica,
+                                                          data_dir))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedkube/federation/proto/fedkube.proto\x12\nfedkube.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"+\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"1\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\"\'\n\x0fPullTaskRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"\xc3\x01\n\nTaskHeader\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.fedkube.v1.TaskHeader.Action\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bproximal_mu\x18\x03 \x01(\x01\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedkube.v1.TensorSpec\"9\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\"M\n\tTaskChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedkube.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xc4\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedkube.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x85\x01\n\x0fPushUpdateReply\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".fedkube.v1.PushUpdateReply.Status\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\x08\n\x04LATE\x10\x02\"W\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"o\n\x13PushEvaluationReply\x12\x36\n\x06status\x18\x01 \x01(\x0e\x32&.fedkube.v1.PushEvaluationReply.Status\" \n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\x08\n\x04LATE\x10\x01\x32\x9d\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedkube.v1.JoinRequest\x1a\x15.fedkube.v1.JoinReply\x12@\n\x08PullTask\x12\x1b.fedkube.v1.PullTaskRequest\x1a\x15.fedkube.v1.TaskChunk0\x01\x12\x44\n\nPushUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x1b.fedkube.v1.PushUpdateReply(\x01\x12O\n\x0ePushEvaluation\x12\x1c.fedkube.v1.EvaluationReport\x1a\x1f.fedkube.v1.PushEvaluationReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedkube/federation/proto/fedkube.proto\x12\nfedkube.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"8\n\x0bJoinRequest\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x14\n\x0csite_replica\x18\x03 \x01(\x05J\x04\x08\x01\x10\x02\"@\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"\'\n\x0fPullTaskRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"\xc3\x01\n\nTaskHeader\x12-\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1d.fedkube.v1.TaskHeader.Action\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bproximal_mu\x18\x03 \x01(\x01\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedkube.v1.TensorSpec\"9\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\"M\n\tTaskChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedkube.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xc4\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedkube.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedkube.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedkube.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x85\x01\n\x0fPushUpdateReply\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".fedkube.v1.PushUpdateReply.Status\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\x0c\n\x08REJECTED\x10\x01\x12\x08\n\x04LATE\x10\x02\"W\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"o\n\x13PushEvaluationReply\x12\x36\n\x06status\x18\x01 \x01(\x0e\x32&.fedkube.v1.PushEvaluationReply.Status\" \n\x06Status\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x00\x12\x08\n\x04LATE\x10\x01\x32\x9d\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedkube.v1.JoinRequest\x1a\x15.fedkube.v1.JoinReply\x12@\n\x08PullTask\x12\x1b.fedkube.v1.PullTaskRequest\x1a\x15.fedkube.v1.TaskChunk0\x01\x12\x44\n\nPushUpdate\x12\x17.fedkube.v1.UpdateChunk\x1a\x1b.fedkube.v1.PushUpdateReply(\x01\x12O\n\x0ePushEvaluation\x12\x1c.fedkube.v1.EvaluationReport\x1a\x1f.fedkube.v1.PushEvaluationReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=54
   _globals['_TENSORSPEC']._serialized_end=110
   _globals['_JOINREQUEST']._serialized_start=112
-  _globals['_JOINREQUEST']._serialized_end=155
-  _globals['_JOINREPLY']._serialized_start=157
-  _globals['_JOINREPLY']._serialized_end=206
-  _globals['_PULLTASKREQUEST']._serialized_start=208
-  _globals['_PULLTASKREQUEST']._serialized_end=247
-  _globals['_TASKHEADER']._serialized_start=250
-  _globals['_TASKHEADER']._serialized_end=445
-  _globals['_TASKHEADER_ACTION']._serialized_start=388
-  _globals['_TASKHEADER_ACTION']._serialized_end=445
-  _globals['_TASKCHUNK']._serialized_start=447
-  _globals['_TASKCHUNK']._serialized_end=524
-  _globals['_UPDATEHEADER']._serialized_start=527
-  _globals['_UPDATEHEADER']._serialized_end=723
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=677
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=723
-  _globals['_UPDATECHUNK']._serialized_start=725
-  _globals['_UPDATECHUNK']._serialized_end=806
-  _globals['_PUSHUPDATEREPLY']._serialized_start=809
-  _globals['_PUSHUPDATEREPLY']._serialized_end=942
-  _globals['_PUSHUPDATEREPLY_STATUS']._serialized_start=896
-  _globals['_PUSHUPDATEREPLY_STATUS']._serialized_end=942
-  _globals['_EVALUATIONREPORT']._serialized_start=944
-  _globals['_EVALUATIONREPORT']._serialized_end=1031
-  _globals['_PUSHEVALUATIONREPLY']._serialized_start=1033
-  _globals['_PUSHEVALUATIONREPLY']._serialized_end=1144
-  _globals['_PUSHEVALUATIONREPLY_STATUS']._serialized_start=1112
-  _globals['_PUSHEVALUATIONREPLY_STATUS']._serialized_end=1144
-  _globals['_FEDERATION']._serialized_start=1147
-  _globals['_FEDERATION']._serialized_end=1432
+  _globals['_JOINREQUEST']._serialized_end=168
+  _globals['_JOINREPLY']._serialized_start=170
+  _globals['_JOINREPLY']._serialized_end=234
+  _globals['_PULLTASKREQUEST']._serialized_start=236
+  _globals['_PULLTASKREQUEST']._serialized_end=275
+  _globals['_TASKHEADER']._serialized_start=278
+  _globals['_TASKHEADER']._serialized_end=473
+  _globals['_TASKHEADER_ACTION']._serialized_start=416
+  _globals['_TASKHEADER_ACTION']._serialized_end=473
+  _globals['_TASKCHUNK']._serialized_start=475
+  _globals['_TASKCHUNK']._serialized_end=552
+  _globals['_UPDATEHEADER']._serialized_start=555
+  _globals['_UPDATEHEADER']._serialized_end=751
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=705
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=751
+  _globals['_UPDATECHUNK']._serialized_start=753
+  _globals['_UPDATECHUNK']._serialized_end=834
+  _globals['_PUSHUPDATEREPLY']._serialized_start=837
+  _globals['_PUSHUPDATEREPLY']._serialized_end=970
+  _globals['_PUSHUPDATEREPLY_STATUS']._serialized_start=924
+  _globals['_PUSHUPDATEREPLY_STATUS']._serialized_end=970
+  _globals['_EVALUATIONREPORT']._serialized_start=972
+  _globals['_EVALUATIONREPORT']._serialized_end=1059
+  _globals['_PUSHEVALUATIONREPLY']._serialized_start=1061
+  _globals['_PUSHEVALUATIONREPLY']._serialized_end=1172
+  _globals['_PUSHEVALUATIONREPLY_STATUS']._serialized_start=1140
+  _globals['_PUSHEVALUATIONREPLY_STATUS']._serialized_end=1172
+  _globals['_FEDERATION']._serialized_start=1175
+  _globals['_FEDERATION']._serialized_end=1460
 # @@protoc_insertion_point(module_scope)

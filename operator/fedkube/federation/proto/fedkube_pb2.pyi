@@ -18,20 +18,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "index")
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("index", "site_replica")
     INDEX_FIELD_NUMBER: _ClassVar[int]
-    token: str
+    SITE_REPLICA_FIELD_NUMBER: _ClassVar[int]
     index: int
-    def __init__(self, token: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+    site_replica: int
+    def __init__(self, index: _Optional[int] = ..., site_replica: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "spec_json")
+    __slots__ = ("client_id", "spec_json", "index")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     spec_json: str
-    def __init__(self, client_id: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
+    index: int
+    def __init__(self, client_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("wait_seconds",)

@@ -60,7 +60,7 @@ class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Registers a client; fails with UNAUTHENTICATED on a wrong credential.
+        """Registers a client; PERMISSION_DENIED when the certificate may not take that index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

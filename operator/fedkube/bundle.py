@@ -1,0 +1,88 @@
+"""Join bundles: everything a site outside the cluster needs to take part in one job.
+
+A bundle is a Kubernetes Secret manifest, so that one file serves both ways a site joins:
+``fedkube client --bundle FILE`` on the site's own machine, or ``kubectl apply -f FILE`` into
+the site's own cluster, where a client-only FederatedJob mounts it. It holds the aggregator's
+address, the job it belongs to, the site it speaks for, the job's CA certificate (to verify the
+aggregator) and the site's certificate and private key: keep it as secret as the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedkube.api.constants import LABEL_JOB, LABEL_SITE
+from fedkube.api.runtime import CA_FILE, CERT_FILE, KEY_FILE, ConfigurationError
+from fedkube.federation.security import TlsFiles
+
+ADDRESS, JOB, NAMESPACE, SITE = "address", "job", "namespace", "site"
+KEYS = (ADDRESS, JOB, NAMESPACE, SITE, CA_FILE, CERT_FILE, KEY_FILE)
+
+
+def secret_values(manifest: dict[str, Any], source: str) -> dict[str, str]:
+    """A Secret's values as text, from its base64 ``data`` and its ``stringData``."""
+    values: dict[str, str] = {}
+    for key, value in (manifest.get("data") or {}).items():
+        try:
+            values[key] = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, TypeError):
+            raise ConfigurationError(f"{source}: data.{key} is not base64 text") from None
+    values.update({k: str(v) for k, v in (manifest.get("stringData") or {}).items()})
+    return values
+
+
+def bundle_secret_name(job: str, site: str) -> str:
+    return f"{job}-{site}-bundle"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A site's ticket to one job."""
+
+    address: str
+    """``host:port`` of the aggregator, as the site dials it."""
+    namespace: str
+    job: str
+    site: str
+    files: TlsFiles
+
+    def to_secret(self) -> dict[str, Any]:
+        """The bundle as a Secret manifest (no namespace: it goes where it is applied)."""
+        data = {ADDRESS: self.address, JOB: self.job, NAMESPACE: self.namespace,
+                SITE: self.site, CA_FILE: self.files.ca.decode(),
+                CERT_FILE: self.files.cert.decode(), KEY_FILE: self.files.key.decode()}
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": bundle_secret_name(self.job, self.site),
+                             "labels": {LABEL_JOB: self.job, LABEL_SITE: self.site}},
+                "stringData": data}
+
+    @classmethod
+    def from_secret(cls, manifest: Any, source: str) -> Bundle:
+        """Read a bundle Secret, with its values in ``stringData`` or base64 ``data``."""
+        if not isinstance(manifest, dict) or manifest.get("kind") != "Secret":
+            raise ConfigurationError(f"{source} is not a fedkube join bundle (a Secret made "
+                                     "by `fedkube bundle JOB SITE`)")
+        values = secret_values(manifest, source)
+        missing = [key for key in KEYS if not values.get(key)]
+        if missing:
+            raise ConfigurationError(f"{source} lacks {', '.join(missing)}: make it again with "
+                                     "`fedkube bundle JOB SITE`")
+        return cls(values[ADDRESS], values[NAMESPACE], values[JOB], values[SITE],
+                   TlsFiles(values[CA_FILE].encode(), values[CERT_FILE].encode(),
+                            values[KEY_FILE].encode()))
+
+    @classmethod
+    def read(cls, path: Path) -> Bundle:
+        try:
+            manifest = yaml.safe_load(path.read_text())
+        except OSError as error:
+            raise ConfigurationError(f"--bundle {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigurationError(f"--bundle {path} is not YAML: {error}") from None
+        return cls.from_secret(manifest, f"--bundle {path}")
