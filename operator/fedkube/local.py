@@ -80,10 +80,11 @@ def override(job: FederatedJob, rounds: int | None, clients: int | None,
 RUN_CERTIFICATE_DAYS = 7
 
 
-def write_certificates(job: FederatedJob, folder: Path) -> None:
+def write_certificates(job: FederatedJob, folder: Path) -> pki.KeyPair:
     """A fresh CA for this run, the aggregator's certificate for 127.0.0.1 and one client
     certificate per site (or one for all clients of a job without sites), in ``folder``:
-    ``aggregator/``, ``sites/<site>/`` or ``clients/``, each with ca.crt, tls.crt, tls.key."""
+    ``aggregator/``, ``sites/<site>/`` or ``clients/``, each with ca.crt, tls.crt, tls.key.
+    Returns the CA, which is not written anywhere: nothing else is signed with it."""
     shutil.rmtree(folder, ignore_errors=True)
     namespace, name = job.namespace, job.metadata.name
     now, valid = datetime.now(UTC), timedelta(days=RUN_CERTIFICATE_DAYS)
@@ -94,6 +95,7 @@ def write_certificates(job: FederatedJob, folder: Path) -> None:
         identity = pki.Identity(namespace, name, site)
         pair = pki.issue_client(ca, identity, now, valid)
         TlsFiles(ca.cert, pair.cert, pair.key).write(client_tls_dir(folder, identity.site))
+    return ca
 
 
 def client_tls_dir(tls_folder: Path, site: str | None) -> Path:
