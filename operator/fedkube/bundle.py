@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from fedkube.api import FederatedJob
 from fedkube.api.constants import LABEL_JOB, LABEL_SITE
 from fedkube.api.runtime import CA_FILE, CERT_FILE, KEY_FILE, ConfigurationError
+from fedkube.controller.builders import external_address, site_secret_name
 from fedkube.federation.security import TlsFiles
 
 ADDRESS, JOB, NAMESPACE, SITE = "address", "job", "namespace", "site"
@@ -74,6 +76,31 @@ class Bundle:
             raise ConfigurationError(f"{source} lacks {', '.join(missing)}: make it again with "
                                      "`fedkube bundle JOB SITE`")
         return cls(values[ADDRESS], values[NAMESPACE], values[JOB], values[SITE],
+                   TlsFiles(values[CA_FILE].encode(), values[CERT_FILE].encode(),
+                            values[KEY_FILE].encode()))
+
+    @classmethod
+    def of_job(cls, job: FederatedJob, site: str, secret: dict[str, Any],
+               address: str | None = None) -> Bundle:
+        """The bundle of ``site`` from the job and the site's TLS Secret; ``address``
+        overrides the job's ``aggregator.service.externalAddress``."""
+        names = [s.name for s in job.spec.sites]
+        if site not in names:
+            raise ConfigurationError(
+                f"job {job.namespace}/{job.name} has no site {site!r}"
+                + (f" (its sites: {', '.join(names)})" if names else " (it has no sites)"))
+        address = address or external_address(job)
+        if address is None:
+            raise ConfigurationError(
+                f"job {job.namespace}/{job.name} is not exposed outside the cluster: set "
+                "spec.aggregator.service.externalAddress (and a Service type that reaches "
+                "it), or give the address with --address")
+        values = secret_values(secret, f"Secret {site_secret_name(job.name, site)}")
+        missing = [key for key in (CA_FILE, CERT_FILE, KEY_FILE) if not values.get(key)]
+        if missing:
+            raise ConfigurationError(f"Secret {site_secret_name(job.name, site)} lacks "
+                                     f"{', '.join(missing)}: is its certificate issued yet?")
+        return cls(address, job.namespace, job.name, site,
                    TlsFiles(values[CA_FILE].encode(), values[CERT_FILE].encode(),
                             values[KEY_FILE].encode()))
 

@@ -166,6 +166,40 @@ def render(files: tuple[Path, ...]) -> None:
 
 
 @main.command()
+@click.argument("job")
+@click.argument("site")
+@click.option("-n", "--namespace", help="The job's namespace (default: the kubeconfig's).")
+@click.option("--address", help="host:port the site dials (default: the job's "
+                                "spec.aggregator.service.externalAddress).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the bundle to this file (readable by you only) instead of standard "
+                   "output.")
+def bundle(job: str, site: str, namespace: str | None, address: str | None,
+           output: Path | None) -> None:
+    """Print SITE's join bundle for the FederatedJob JOB, from the cluster.
+
+    The bundle (a Secret manifest holding the aggregator's address, the job's CA and the
+    site's certificate and key) lets the site take part from outside the cluster:
+    `fedkube client --bundle FILE --data DIR` on its machine, or `kubectl apply -f FILE` and a
+    client-only FederatedJob in its own cluster. It holds a private key: send it securely.
+    """
+    from fedkube.api.runtime import ConfigurationError
+    from fedkube.joining import fetch_bundle
+
+    try:
+        text = fetch_bundle(job, site, namespace, address)
+    except ConfigurationError as error:
+        console.print(f"[red]✗[/red] {escape(str(error))}", soft_wrap=True)
+        sys.exit(1)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.touch(mode=0o600)
+    output.write_text(text)
+    console.print(f"wrote {escape(str(output))}: give it to site {escape(site)} securely")
+
+
+@main.command()
 @click.option("-n", "--namespace", "namespaces", multiple=True,
               help="Watch only this namespace (repeatable); all namespaces when omitted.")
 @click.option("--all-namespaces", is_flag=True, help="Watch every namespace (the default).")

@@ -24,11 +24,14 @@ import pytest
 import yaml
 from emulator import EmulatorThread
 
+from fedkube import pki
+from fedkube.bundle import Bundle, secret_values
 from tests.chart.conftest import load_hack
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "crds" / "samples" / "digits.yaml"
+SITES_SAMPLE = ROOT / "crds" / "samples" / "sites.yaml"
 POD_ID = "fedkube-operator-7d9c-test"  # the chart sets POD_ID to the operator pod's name
 T = TypeVar("T")
 
@@ -250,6 +253,75 @@ def test_operator_command_runs_a_job_as_a_user_drives_it(
         log = operator.output()
         assert code == 0, log
         assert "Traceback" not in log, log
+
+
+def fedkube(kubectl: Kubectl, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``fedkube`` command as a user runs it, logged in as kubectl is."""
+    return subprocess.run([str(Path(sys.executable).with_name("fedkube")), *args],
+                          env=kubectl.env, capture_output=True, text=True, timeout=60)
+
+
+def test_sites_get_their_own_certificates_bundles_and_revocation(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path) -> None:
+    operator, kubectl = start_operator(tools, cluster, tmp_path, "--standalone")
+    with operator:
+        wait_watching(cluster, operator)
+        kubectl.out("apply", "-f", str(SITES_SAMPLE), "--validate=false")
+
+        def secrets() -> dict[str, dict[str, Any]]:
+            return {s["metadata"]["name"]: s for s in kubectl.json("get", "secrets")["items"]
+                    if s["metadata"].get("labels", {}).get("fedkube.io/job") == "diagnosis"}
+
+        sites = [f"diagnosis-site-{site}-tls" for site in ("north", "south", "lab")]
+        found = wait_for(lambda: (s := secrets()) and len(s) == 5 and s,
+                         what="the CA, the aggregator's and three sites' Secrets")
+        assert set(found) == {"diagnosis-ca", "diagnosis-aggregator-tls", *sites}
+        ca_cert = secret_values(found["diagnosis-ca"], "ca")["ca.crt"]
+        pods = wait_for(lambda: (p := kubectl.pods("diagnosis")) and len(p) == 4 and p,
+                        what="the aggregator and one client per site")
+        for name, pod in pods.items():
+            mounted = {v["secret"]["secretName"] for v in pod["spec"]["volumes"]
+                       if "secret" in v}
+            site = name.removeprefix("diagnosis-").rsplit("-", 1)[0]
+            assert mounted == ({"diagnosis-aggregator-tls"} if name == "diagnosis-aggregator"
+                               else {f"diagnosis-site-{site}-tls"}), name
+        service = kubectl.json("get", "service", "diagnosis-aggregator")
+        assert service["spec"]["type"] == "LoadBalancer"
+
+        # The site's admin hands out the bundle; it holds the site's key, for its eyes only.
+        bundle_file = tmp_path / "south.yaml"
+        done = fedkube(kubectl, "bundle", "diagnosis", "south", "-o", str(bundle_file))
+        assert done.returncode == 0, done.stderr
+        assert bundle_file.stat().st_mode & 0o777 == 0o600
+        bundle = Bundle.read(bundle_file)
+        namespace = found["diagnosis-ca"]["metadata"]["namespace"]  # the kubeconfig's
+        assert (bundle.address, bundle.namespace, bundle.job, bundle.site) == \
+            ("fl.diagnosis.example:50051", namespace, "diagnosis", "south")
+        assert bundle.files.ca.decode() == ca_cert
+        identity = pki.identity_of(bundle.files.certificate())
+        assert identity == pki.Identity(namespace, "diagnosis", "south")
+
+        # South leaves the federation: its certificate goes in the same reconcile that
+        # rewrites the configuration the aggregator reads.
+        job = kubectl.job("diagnosis")
+        assert job is not None
+        remaining = [s for s in job["spec"]["sites"] if s["name"] != "south"]
+        kubectl.out("patch", "fj", "diagnosis", "--type=merge", "-p", json.dumps(
+            {"spec": {"sites": remaining, "strategy": {"minClients": 2}}}))
+        wait_for(lambda: "diagnosis-site-south-tls" not in secrets(),
+                 what="south's certificate deleted")
+        config = kubectl.json("get", "configmap", "diagnosis-config")["data"]["config.yaml"]
+        assert "name: south" not in config and "name: north" in config
+        wait_for(lambda: "diagnosis-south-0" not in kubectl.pods("diagnosis"),
+                 what="south's client pod deleted")
+        events = wait_for(lambda: (d := kubectl.out("describe", "fj", "diagnosis")) and
+                          "SiteRevoked" in d and d.split("Events:", 1)[1],
+                          what="the SiteRevoked event")
+        assert "site south is no longer in the job" in events
+        refused = fedkube(kubectl, "bundle", "diagnosis", "south")
+        assert refused.returncode == 1
+        assert f"job {namespace}/diagnosis has no site 'south' (its sites: north, lab)" in \
+            refused.stderr.replace("\n", " ")
 
 
 def test_operator_command_exits_fast_on_sigterm_with_a_hundred_jobs(

@@ -335,11 +335,35 @@ def test_immutable_change_of_a_started_job_is_rejected_then_cleared() -> None:
     assert rejected.status == "True" and rejected.reason == "ImmutableFieldChanged"
     assert "spec.strategy" in rejected.message and d.accepted_spec_hash == accepted
     assert creates(d) == [] and deletes(d) == []
-    # Mutable changes (replicas) still apply while rejected.
+    # Reverting the change clears the condition.
     reverted = make_job().model_copy(update={"status": job2.status})
     _, d = step(reverted, Observed(pods=running_pods(job), support=all_support(job)),
                 accepted=accepted)
     assert d.status.condition(ConditionType.SPEC_REJECTED).status == "False"
+
+
+def test_a_rejected_spec_changes_nothing_else_either() -> None:
+    """Fewer clients in a spec that also changes the strategy: the job runs on as it was."""
+    job, first = step(make_job(), Observed())
+    changed = make_job(strategy={"name": "fedprox"}, clients={"replicas": 2}).model_copy(
+        update={"status": job.status})
+    _, d = step(changed, Observed(pods=running_pods(job), support=all_support(job),
+                                  config=builders.configmap(job)["data"]),
+                accepted=first.accepted_spec_hash)
+    assert d.status.condition(ConditionType.SPEC_REJECTED).status == "True"
+    assert deletes(d) == [] and not [a for a in d.actions if isinstance(a, Update)]
+
+
+def test_min_clients_may_change_while_the_job_runs() -> None:
+    """A site leaving may need a lower minClients; the aggregator takes it on."""
+    job, first = step(make_job(), Observed())
+    lower = make_job(strategy={"minClients": 1}).model_copy(update={"status": job.status})
+    _, d = step(lower, Observed(pods=running_pods(job), support=all_support(job),
+                                config=builders.configmap(job)["data"]),
+                accepted=first.accepted_spec_hash)
+    assert d.status.condition(ConditionType.SPEC_REJECTED) is None
+    (update,) = [a for a in d.actions if isinstance(a, Update)]
+    assert "minClients: 1" in update.patch["data"]["config.yaml"]
 
 
 def test_change_before_start_is_accepted() -> None:

@@ -27,6 +27,9 @@ from fedkube.controller.builders import Manifest
 ANNOTATION_ACCEPTED_SPEC = f"{GROUP}/accepted-spec-hash"
 #: Spec fields baked into running pods' config; changing them mid-job is rejected.
 IMMUTABLE_FIELDS = ("task", "rounds", "strategy", "privacy", "transport")
+#: ...except these, which the aggregator takes on while it runs (with the sites and the
+#: clients): a site leaving a federation may need a lower minClients.
+MUTABLE_STRATEGY_FIELDS = ("min_clients",)
 STUCK_WAITING_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff",
                                    "InvalidImageName", "CreateContainerConfigError"})
 
@@ -99,7 +102,8 @@ class Decision:
 
 def spec_hash(job: FederatedJob) -> str:
     """Hash of the spec fields a started job cannot take on (see :data:`IMMUTABLE_FIELDS`)."""
-    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS))
+    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS),
+                                 exclude={"strategy": set(MUTABLE_STRATEGY_FIELDS)})
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -248,7 +252,8 @@ class _Reconciler:
         self.decision.accepted_spec_hash = self.accepted
         self.condition(
             ConditionType.SPEC_REJECTED, True, "ImmutableFieldChanged",
-            f"spec.{', spec.'.join(IMMUTABLE_FIELDS)} cannot change once the job started; "
+            f"spec.{', spec.'.join(IMMUTABLE_FIELDS)} (but strategy.minClients) cannot change "
+            "once the job started; "
             "the job keeps running with its original values. Revert the change, or delete "
             "the job and create a new one", "Warning")
 
@@ -309,9 +314,11 @@ class _Reconciler:
             return
         if self.handle_failed_pods() or self.handle_stuck_pods():
             return
-        self.scale_down()
-        self.sync_config()
-        self.revoke_removed_sites()
+        if self.decision.accepted_spec_hash == spec_hash(self.job):
+            # A rejected spec changes nothing: the job runs on with the spec it accepted.
+            self.scale_down()
+            self.sync_config()
+            self.revoke_removed_sites()
         self.create_missing()
         self.update_running()
 

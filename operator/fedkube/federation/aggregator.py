@@ -235,9 +235,15 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         return pb.JoinReply(client_id=client_id, index=index,
                             spec_json=self.spec.model_dump_json(by_alias=True))
 
-    def revoke(self, spec: FederatedJobSpec) -> None:
-        """Take the sites of a changed spec: sessions of sites no longer in it end now, and
-        their certificates are refused from now on."""
+    def take_membership(self, spec: FederatedJobSpec) -> None:
+        """Take who takes part from a changed spec (its sites, ``clients.replicas`` and
+        ``strategy.minClients``; the operator rejects changes to anything else): sessions of
+        sites no longer in it end now, and their certificates are refused from now on."""
+        self.spec = self.spec.model_copy(update={
+            "sites": spec.sites,
+            "clients": self.spec.clients.model_copy(update={"replicas": spec.clients.replicas}),
+            "strategy": self.spec.strategy.model_copy(
+                update={"min_clients": spec.strategy.min_clients})})
         revoked = self.admission.set_spec(spec)
         if not revoked:
             return
@@ -656,9 +662,9 @@ def _format(value: float | None) -> str:
 
 
 def watch_config(aggregator: Aggregator, path: Path, stop: threading.Event) -> None:
-    """Apply the sites of the configuration file whenever it changes: the operator rewrites
-    the job's ConfigMap in the reconcile that sees a site removed, and the kubelet updates the
-    mounted file (``fedkube run`` writes it directly)."""
+    """Take who takes part from the configuration file whenever it changes: the operator
+    rewrites the job's ConfigMap in the reconcile that sees a site removed or added, and the
+    kubelet updates the mounted file (``fedkube run`` writes it directly)."""
     seen = path.read_bytes()
     while not stop.wait(CONFIG_POLL_SECONDS):
         try:
@@ -666,7 +672,7 @@ def watch_config(aggregator: Aggregator, path: Path, stop: threading.Event) -> N
             if current == seen:
                 continue
             seen = current
-            aggregator.revoke(RuntimeConfig.from_file(path).spec)
+            aggregator.take_membership(RuntimeConfig.from_file(path).spec)
         except (OSError, ConfigurationError) as error:
             log.warning("cannot read the changed configuration %s: %s", path, error)
 
