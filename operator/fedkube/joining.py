@@ -20,12 +20,12 @@ from fedkube.controller.builders import site_secret_name
 
 def _connect(namespace: str | None) -> tuple[client.ApiClient, str]:
     try:
-        config.load_kube_config()
-        _, context = config.list_kube_config_contexts()
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+        _, context = config.list_kube_config_contexts()  # type: ignore[no-untyped-call]
         default = (context.get("context") or {}).get("namespace") or "default"
     except ConfigException:
         try:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
         except ConfigException:
             raise ConfigurationError("no kubeconfig (KUBECONFIG or ~/.kube/config) and not in "
                                      "a pod: log in to the job's cluster first") from None
