@@ -18,12 +18,14 @@ from typing import Any
 import yaml
 
 from fedkube.api import FederatedJob
-from fedkube.api.constants import LABEL_JOB, LABEL_SITE
+from fedkube.api.constants import LABEL_SITE
 from fedkube.api.runtime import CA_FILE, CERT_FILE, KEY_FILE, ConfigurationError
 from fedkube.controller.builders import external_address, site_secret_name
 from fedkube.federation.security import TlsFiles
 
 ADDRESS, JOB, NAMESPACE, SITE = "address", "job", "namespace", "site"
+#: Label of a bundle Secret naming the job it joins.
+LABEL_BUNDLE_JOB = "fedkube.io/bundle-for"
 KEYS = (ADDRESS, JOB, NAMESPACE, SITE, CA_FILE, CERT_FILE, KEY_FILE)
 
 
@@ -61,7 +63,9 @@ class Bundle:
                 CERT_FILE: self.files.cert.decode(), KEY_FILE: self.files.key.decode()}
         return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                 "metadata": {"name": bundle_secret_name(self.job, self.site),
-                             "labels": {LABEL_JOB: self.job, LABEL_SITE: self.site}},
+                             # Not the job's own labels: an operator reconciling a job of
+                             # that name where the bundle is applied must leave it alone.
+                             "labels": {LABEL_BUNDLE_JOB: self.job, LABEL_SITE: self.site}},
                 "stringData": data}
 
     @classmethod

@@ -117,7 +117,7 @@ def prepare_run_folder(job: FederatedJob, folder: Path, *, resume: bool = False)
         job_name=job.metadata.name, namespace=job.namespace,
         spec=job.spec, aggregator_address=f"127.0.0.1:{job.spec.aggregator.port}",
         bind_address="127.0.0.1",
-        tls_dir=str((folder / "tls" / "aggregator").resolve()) if tls else None,
+        tls_dir=str((folder / "tls" / "aggregator").resolve()),
         checkpoint_dir=str((folder / "checkpoints").resolve()),
         output_dir=str(folder.resolve()))
     path = folder / "config.yaml"

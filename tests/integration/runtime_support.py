@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_client
         "strategy": {"minClients": min_clients, "roundTimeoutSeconds": timeout},
         "clients": {"replicas": clients},
         "aggregator": {"port": port, "metricsPort": metrics_port},
+        **({} if tls else {"security": {"tls": {"mode": "Disabled"}}}),
         **spec,
     })
     if tls:
@@ -41,7 +43,7 @@ def make_config(tmp_path: Path, *, rounds: int = 3, clients: int = 2, min_client
     config = RuntimeConfig(
         job_name="test", namespace="ns", spec=job_spec,
         aggregator_address=f"127.0.0.1:{port}", bind_address="127.0.0.1",
-        tls_dir=str(tmp_path / "tls" / "aggregator") if tls else None,
+        tls_dir=str(tmp_path / "tls" / "aggregator"),
         checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"))
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
@@ -116,3 +118,20 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no sample {name}{labels} in the exposition")
+
+
+WINE_FEATURES = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium",
+                 "total_phenols", "flavanoids", "nonflavanoid_phenols", "proanthocyanins",
+                 "color_intensity", "hue", "od280/od315_of_diluted_wines", "proline"]
+WINE_TASK = {"label": "cultivar", "features": WINE_FEATURES, "classes": [0, 1, 2]}
+
+
+def write_wine_rows(path: Path) -> None:
+    from sklearn.datasets import load_wine
+
+    x, y = load_wine(return_X_y=True)
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow([*WINE_FEATURES, "cultivar"])
+        writer.writerows([*row, label] for row, label in zip(x, y, strict=True))

@@ -226,3 +226,14 @@ def test_a_site_removed_from_the_job_is_revoked(job: Job) -> None:
     assert refused(lambda: south.join(SOUTH)).code() == grpc.StatusCode.PERMISSION_DENIED
     assert job.refusals("revoked") == 2
     assert job.folded() == 0
+
+
+def test_a_job_that_disables_tls_runs_in_plaintext_and_says_so(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=2, tls=False)
+    assert not (tmp_path / "tls").exists()
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        [group.client(config, i) for i in range(2)]
+        assert aggregator.wait(120) == 0, group.log("aggregator")
+    assert "plaintext gRPC and no client identities (spec.security.tls.mode Disabled)" in \
+        group.log("aggregator")

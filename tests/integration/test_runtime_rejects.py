@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -11,7 +10,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from runtime_support import http_get, make_config, metric_value, processes, wait_for
+from runtime_support import (
+    WINE_TASK,
+    http_get,
+    make_config,
+    metric_value,
+    processes,
+    wait_for,
+    write_wine_rows,
+)
 
 from fedkube.api.runtime import RuntimeConfig
 from fedkube.federation import protocol, transport
@@ -151,18 +158,3 @@ def test_federated_evaluations_only_from_the_asked_once_with_sane_numbers(
     assert entry["accuracy"] == federated["accuracy"]
 
 
-WINE_FEATURES = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium",
-                 "total_phenols", "flavanoids", "nonflavanoid_phenols", "proanthocyanins",
-                 "color_intensity", "hue", "od280/od315_of_diluted_wines", "proline"]
-WINE_TASK = {"label": "cultivar", "features": WINE_FEATURES, "classes": [0, 1, 2]}
-
-
-def write_wine_rows(path: Path) -> None:
-    from sklearn.datasets import load_wine
-
-    x, y = load_wine(return_X_y=True)
-    path.parent.mkdir(parents=True)
-    with path.open("w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow([*WINE_FEATURES, "cultivar"])
-        writer.writerows([*row, label] for row, label in zip(x, y, strict=True))

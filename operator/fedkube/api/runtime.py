@@ -68,16 +68,21 @@ class RuntimeConfig(ApiModel):
     bind_address: str = "0.0.0.0"
     """Address the aggregator's gRPC and HTTP servers listen on."""
 
-    tls_dir: str | None = TLS_MOUNT_DIR
+    tls_dir: str = TLS_MOUNT_DIR
     """Folder with this pod's ``ca.crt`` (the job's CA), ``tls.crt`` and ``tls.key`` (its
-    certificate: the aggregator's, or its site's). None: plaintext, no identities
-    (``spec.security.tls.mode: Disabled``)."""
+    certificate: the aggregator's, or its site's); see :attr:`tls_folder`."""
 
     checkpoint_dir: str = CHECKPOINT_DIR
     """Where the aggregator writes its per-round checkpoint."""
 
     output_dir: str = OUTPUT_DIR
     """Where the aggregator writes the final model and ``history.json``."""
+
+    @property
+    def tls_folder(self) -> str | None:
+        """:attr:`tls_dir`, or None for plaintext: only when the job says so
+        (``spec.security.tls.mode: Disabled``), never because a setting is missing."""
+        return None if self.spec.security.tls.mode == "Disabled" else self.tls_dir
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

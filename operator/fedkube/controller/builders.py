@@ -177,7 +177,6 @@ def runtime_config(job: FederatedJob) -> RuntimeConfig:
     return RuntimeConfig(
         job_name=job.name, namespace=job.namespace, spec=job.spec,
         aggregator_address=f"{aggregator_host(job)}:{job.spec.aggregator.port}",
-        tls_dir=TLS_MOUNT_DIR if tls_enabled(job) else None,
     )
 
 

@@ -3,9 +3,12 @@
 Each job gets its own CA, kept in ``<job>-ca`` (no pod mounts it), a server certificate for
 the aggregator and one client certificate per site, each in its own Secret so that a site's
 pods mount only their own key. The plan is a function of the job and the Secrets that exist
-(plus fresh random keys): missing Secrets are issued, Secrets signed by another CA (the CA
-Secret was deleted) or for other host names (``externalAddress`` changed) are re-issued, and
-the Secret of a site removed from the job is deleted.
+(plus fresh random keys): missing Secrets are issued; certificates signed by another CA (the
+CA Secret was deleted or renewed), for other host names (``externalAddress`` changed) or with
+less than a third of their validity left are re-issued; the CA is renewed before it would
+expire ahead of a certificate issued now; the Secret of a site removed from the job is
+deleted. Pods pick up renewed files as the kubelet updates their mounted Secret: the
+aggregator at its next handshake, a client when it restarts.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from cryptography import x509
 
 from fedkube import pki
 from fedkube.api import FederatedJob
@@ -26,6 +31,8 @@ from fedkube.controller.builders import Manifest
 ANNOTATION_HOSTS = "fedkube.io/hosts"
 #: The CA outlives its certificates: sites added late are still signed by it.
 CA_VALIDITY_FACTOR = 2
+#: A certificate with less than this part of its validity left is re-issued.
+RENEW_WITHIN = 1 / 3
 
 
 @dataclass
@@ -56,11 +63,24 @@ def _ca(job: FederatedJob, secrets: Mapping[str, Manifest]) -> pki.KeyPair | Non
     return pki.KeyPair(values["ca.crt"].encode(), values["ca.key"].encode())
 
 
-def _current(secret: Manifest | None, ca: pki.KeyPair, hosts: list[str] | None) -> bool:
+def _expires(pem: str | bytes) -> datetime | None:
+    try:
+        certificate = x509.load_pem_x509_certificate(pem if isinstance(pem, bytes)
+                                                     else pem.encode())
+    except ValueError:
+        return None
+    return certificate.not_valid_after_utc
+
+
+def _current(secret: Manifest | None, ca: pki.KeyPair, hosts: list[str] | None,
+             renew_after: datetime) -> bool:
     if secret is None:
         return False
     values = secret_values(secret, secret["metadata"]["name"])
     if values.get("ca.crt", "").encode() != ca.cert:
+        return False
+    expires = _expires(values.get("tls.crt", ""))
+    if expires is None or expires <= renew_after:
         return False
     annotations = secret["metadata"].get("annotations") or {}
     return hosts is None or annotations.get(ANNOTATION_HOSTS) == ",".join(hosts)
@@ -73,25 +93,28 @@ def plan_secrets(job: FederatedJob, secrets: Mapping[str, Manifest],
     if job.spec.security.tls.mode != "Operator":
         return plan
     valid = timedelta(days=job.spec.security.tls.validity_days)
-    ca = _ca(job, secrets)
-    if ca is None:
-        ca = pki.issue_ca(job.namespace, job.name, now, valid * CA_VALIDITY_FACTOR)
-        plan.create.append(builders.ca_secret(job, ca))
 
     def place(manifest: Manifest) -> None:
         exists = manifest["metadata"]["name"] in secrets
         (plan.replace if exists else plan.create).append(manifest)
 
+    ca = _ca(job, secrets)
+    ca_expires = _expires(ca.cert) if ca is not None else None
+    if ca is None or ca_expires is None or ca_expires <= now + valid:
+        ca = pki.issue_ca(job.namespace, job.name, now, valid * CA_VALIDITY_FACTOR)
+        place(builders.ca_secret(job, ca))
+    renew_after = now + valid * RENEW_WITHIN
+
     hosts = builders.server_hosts(job)
     server = builders.server_secret_name(job.name)
-    if not _current(secrets.get(server), ca, hosts):
+    if not _current(secrets.get(server), ca, hosts, renew_after):
         pair = pki.issue_server(ca, job.namespace, job.name, hosts, now, valid)
         manifest = builders.tls_secret(job, server, ca.cert, pair)
         manifest["metadata"]["annotations"] = {ANNOTATION_HOSTS: ",".join(hosts)}
         place(manifest)
     for site in builders.identities(job):
         name = builders.site_secret_name(job.name, site)
-        if not _current(secrets.get(name), ca, None):
+        if not _current(secrets.get(name), ca, None, renew_after):
             pair = pki.issue_client(ca, pki.Identity(job.namespace, job.name, site), now, valid)
             place(builders.tls_secret(job, name, ca.cert, pair, site))
     return plan

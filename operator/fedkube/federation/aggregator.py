@@ -135,7 +135,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         self.config = config
         self.spec = config.spec
         self.admission = security.Admission(config.namespace, config.job_name, self.spec,
-                                            tls=config.tls_dir is not None)
+                                            tls=config.tls_folder is not None)
         self.device = select_device()
         self.task = load_task(self.spec.task.entrypoint)
         self.model = self.task.model(self.spec.task.config).to(self.device)
@@ -687,13 +687,13 @@ def serve(config: RuntimeConfig, config_path: Path | None = None) -> int:
         options=protocol.channel_options(spec.transport.chunk_bytes))
     pb_grpc.add_FederationServicer_to_server(aggregator, server)
     address = f"{config.bind_address}:{spec.aggregator.port}"
-    if config.tls_dir is None:
+    if config.tls_folder is None:
         log.warning("plaintext gRPC and no client identities (spec.security.tls.mode "
                     "Disabled): anyone who reaches %s can join", address)
         server.add_insecure_port(address)
     else:
         server.add_secure_port(address, security.server_credentials(
-            config.tls_dir, aggregator.metrics.tls_handshakes.inc))
+            config.tls_folder, aggregator.metrics.tls_handshakes.inc))
     handler = type("Handler", (_HttpHandler,), {"aggregator": aggregator})
     http = ThreadingHTTPServer((config.bind_address, spec.aggregator.metrics_port), handler)
     http.daemon_threads = True
@@ -705,7 +705,7 @@ def serve(config: RuntimeConfig, config_path: Path | None = None) -> int:
     server.start()
     log.info("aggregator of %s/%s listening on %s (%s; metrics on :%d), device %s",
              config.namespace, config.job_name, address,
-             "mutual TLS" if config.tls_dir else "plaintext", spec.aggregator.metrics_port,
+             "mutual TLS" if config.tls_folder else "plaintext", spec.aggregator.metrics_port,
              aggregator.device)
     try:
         return aggregator.run()

@@ -74,7 +74,7 @@ class Endpoint:
 
     @classmethod
     def of_config(cls, config: RuntimeConfig, tls_dir: Path | None = None) -> Endpoint:
-        folder = tls_dir or config.tls_dir
+        folder = None if config.tls_folder is None else tls_dir or config.tls_folder
         return cls(config.aggregator_address,
                    security.TlsFiles.read(folder) if folder is not None else None,
                    config.namespace, config.job_name, config.spec.transport.chunk_bytes)

@@ -59,6 +59,7 @@ class TlsFiles:
         for name, content in ((CA_FILE, self.ca), (CERT_FILE, self.cert), (KEY_FILE, self.key)):
             path = folder / name
             path.touch(mode=0o600)
+            path.chmod(0o600)  # an existing file keeps its mode through touch
             path.write_bytes(content)
         return folder
 

@@ -1,0 +1,162 @@
+"""Sites on other hosts: the aggregator and each site in its own network namespace, talking
+real TCP across veth links, TLS verified against the aggregator's DNS name.
+
+Site north runs as a pod would (the job's configuration and its site's certificate); site
+south is outside the cluster and has only its join bundle (``fedkube client --bundle FILE
+--data DIR``), which gives it the address, the CA and its certificate, and learns the spec
+and its client index from the aggregator.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from runtime_support import ENV, WINE_TASK, write_wine_rows
+
+from fedkube import pki
+from fedkube.api import FederatedJobSpec
+from fedkube.api.runtime import RuntimeConfig
+from fedkube.bundle import Bundle
+from fedkube.federation.security import TlsFiles
+from tests.netns import NamespacesUnavailable, Network
+
+pytestmark = pytest.mark.timeout(240)
+AGGREGATOR_NAME = "aggregator.fedkube.test"
+PORT = 50051  # each host has its own network: the default ports are free there
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    try:
+        with Network({"hub": AGGREGATOR_NAME, "north": "north.fedkube.test",
+                      "south": "south.fedkube.test"}) as network:
+            yield network
+    except NamespacesUnavailable as error:
+        pytest.skip(f"network namespaces cannot be created here: {error}")
+
+
+def fedkube(network: Network, host: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``fedkube ARGS`` on ``host``, logging to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen([*network.run_in(host), sys.executable, "-m", "fedkube.cli",
+                                 *args], stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                start_new_session=True)
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sites_on_other_hosts_complete_a_job_over_mutual_tls(
+        network: Network, tmp_path: Path, started: list[subprocess.Popen[bytes]]) -> None:
+    for site in ("north", "south"):
+        write_wine_rows(tmp_path / site / "rows.csv")
+    spec = FederatedJobSpec.model_validate({
+        "task": {"entrypoint": "fedkube.tasks.tabular:task", "config": WINE_TASK},
+        "rounds": 2, "strategy": {"minClients": 2, "roundTimeoutSeconds": 60},
+        "aggregator": {"port": PORT, "service": {"type": "LoadBalancer",
+                                                 "externalAddress": AGGREGATOR_NAME}},
+        "sites": [{"name": site, "data": {"volume": {"hostPath": {"path": f"/srv/{site}"}}}}
+                  for site in ("north", "south")],
+    })
+    # The job's CA and certificates, as the operator issues them: the server certificate
+    # names the aggregator's DNS name only (no IP address).
+    now, valid = datetime.now(UTC), timedelta(days=1)
+    ca = pki.issue_ca("fl", "wine", now, valid)
+    server = pki.issue_server(ca, "fl", "wine", [AGGREGATOR_NAME], now, valid)
+    tls = tmp_path / "tls"
+    TlsFiles(ca.cert, server.cert, server.key).write(tls / "aggregator")
+    site_files = {}
+    for site in ("north", "south"):
+        pair = pki.issue_client(ca, pki.Identity("fl", "wine", site), now, valid)
+        site_files[site] = TlsFiles(ca.cert, pair.cert, pair.key)
+    site_files["north"].write(tls / "north")
+    config = tmp_path / "config.yaml"
+    config.write_text(RuntimeConfig(
+        job_name="wine", namespace="fl", spec=spec,
+        aggregator_address=f"{AGGREGATOR_NAME}:{PORT}", tls_dir=str(tls / "aggregator"),
+        checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"),
+    ).to_yaml())
+    bundle = tmp_path / "south-bundle.yaml"
+    bundle.write_text(yaml.safe_dump(Bundle(f"{AGGREGATOR_NAME}:{PORT}", "fl", "wine",
+                                            "south", site_files["south"]).to_secret()))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    aggregator = fedkube(network, "hub", logs / "aggregator.log",
+                         "aggregator", "--config", str(config))
+    started.append(aggregator)
+    started.append(fedkube(network, "north", logs / "north.log", "client", "--config",
+                           str(config), "--index", "0", "--data", str(tmp_path / "north"),
+                           "--tls-dir", str(tls / "north")))
+    started.append(fedkube(network, "south", logs / "south.log", "client", "--bundle",
+                           str(bundle), "--data", str(tmp_path / "south")))
+
+    code = aggregator.wait(180)
+    log = {name: (logs / f"{name}.log").read_text() for name in ("aggregator", "north", "south")}
+    assert code == 0, log
+    history = yaml.safe_load((tmp_path / "output" / "history.json").read_text())
+    assert [(entry["round"], entry["clients"]) for entry in history] == [(1, 2), (2, 2)]
+    assert history[-1]["federated_evaluation"]["clients"] == 2
+    assert "joined (index 0, site north)" in log["aggregator"]
+    assert "joined (index 1, site south)" in log["aggregator"]
+    assert "mutual TLS" in log["aggregator"]
+    # Both sites' updates crossed the links: far more than the model's few hundred bytes
+    # times the rounds, in TLS records, arrived at the aggregator's host.
+    assert network.received_bytes("hub") > 10_000
+    assert network.received_bytes("north") > 10_000 and network.received_bytes("south") > 10_000
+
+
+def test_tls_is_verified_against_the_name_the_site_dials(
+        network: Network, tmp_path: Path, started: list[subprocess.Popen[bytes]]) -> None:
+    """The aggregator's certificate names aggregator.fedkube.test, not its IP address: a
+    site that dials the address refuses the aggregator, as it would an impostor."""
+    now, valid = datetime.now(UTC), timedelta(days=1)
+    ca = pki.issue_ca("fl", "wine", now, valid)
+    server = pki.issue_server(ca, "fl", "wine", [AGGREGATOR_NAME], now, valid)
+    client = pki.issue_client(ca, pki.Identity("fl", "wine"), now, valid)
+    TlsFiles(ca.cert, server.cert, server.key).write(tmp_path / "aggregator")
+    spec = FederatedJobSpec.model_validate({"rounds": 1, "aggregator": {"port": PORT}})
+    config = tmp_path / "config.yaml"
+    config.write_text(RuntimeConfig(
+        job_name="wine", namespace="fl", spec=spec,
+        aggregator_address=f"{AGGREGATOR_NAME}:{PORT}", tls_dir=str(tmp_path / "aggregator"),
+        checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"),
+    ).to_yaml())
+    started.append(fedkube(network, "hub", tmp_path / "aggregator.log",
+                           "aggregator", "--config", str(config)))
+    TlsFiles(ca.cert, client.cert, client.key).write(tmp_path / "client")
+    probe = """
+import sys, grpc
+from fedkube.federation.proto import fedkube_pb2 as pb, fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.security import TlsFiles, channel_credentials
+credentials = channel_credentials(TlsFiles.read(sys.argv[1]))
+for target in sys.argv[2:]:
+    channel = grpc.secure_channel(target, credentials)
+    try:
+        pb_grpc.FederationStub(channel).Join(pb.JoinRequest(index=0), timeout=20,
+                                             wait_for_ready=target.startswith("aggregator"))
+        print(target, "OK")
+    except grpc.RpcError as error:
+        print(target, error.code().name, error.details())
+"""
+    done = subprocess.run([*network.run_in("north"), sys.executable, "-c", probe,
+                           str(tmp_path / "client"), f"{AGGREGATOR_NAME}:{PORT}",
+                           f"{network.address('hub')}:{PORT}"],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    by_name, by_address = done.stdout.splitlines()
+    assert by_name == f"{AGGREGATOR_NAME}:{PORT} OK", done.stdout + done.stderr
+    assert by_address.startswith(f"{network.address('hub')}:{PORT} UNAVAILABLE"), \
+        done.stdout + done.stderr
