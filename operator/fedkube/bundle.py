@@ -74,7 +74,10 @@ class Bundle:
         if not isinstance(manifest, dict) or manifest.get("kind") != "Secret":
             raise ConfigurationError(f"{source} is not a fedkube join bundle (a Secret made "
                                      "by `fedkube bundle JOB SITE`)")
-        values = secret_values(manifest, source)
+        return cls.from_values(secret_values(manifest, source), source)
+
+    @classmethod
+    def from_values(cls, values: dict[str, str], source: str) -> Bundle:
         missing = [key for key in KEYS if not values.get(key)]
         if missing:
             raise ConfigurationError(f"{source} lacks {', '.join(missing)}: make it again with "
@@ -110,6 +113,10 @@ class Bundle:
 
     @classmethod
     def read(cls, path: Path) -> Bundle:
+        """A bundle file, or a folder of its keys (the bundle Secret mounted in a pod)."""
+        if path.is_dir():
+            return cls.from_values({key: (path / key).read_text() for key in KEYS
+                                    if (path / key).is_file()}, f"--bundle {path}")
         try:
             manifest = yaml.safe_load(path.read_text())
         except OSError as error:

@@ -86,10 +86,10 @@ def aggregator(config_path: Path) -> None:
 @click.option("--index", type=click.IntRange(min=0),
               help="With --config: this client's index among all the job's clients (in a job "
                    "with sites, the sites' clients in order); it selects the site and data.")
-@click.option("--bundle", "bundle_path",
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A site's join bundle (`fedkube bundle JOB SITE`), instead of --config: "
-                   "for a site outside the cluster.")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, path_type=Path),
+              help="A site's join bundle (`fedkube bundle JOB SITE`), or the folder its "
+                   "Secret is mounted at, instead of --config: for a site outside the "
+                   "aggregator's cluster.")
 @click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --bundle: which of the site's clients this is.")
 @click.option("--data", "--data-dir", "data_dir", type=click.Path(file_okay=False, path_type=Path),

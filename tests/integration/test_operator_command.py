@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,12 +27,14 @@ from emulator import EmulatorThread
 
 from fedkube import pki
 from fedkube.bundle import Bundle, secret_values
+from fedkube.federation.security import TlsFiles
 from tests.chart.conftest import load_hack
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "crds" / "samples" / "digits.yaml"
 SITES_SAMPLE = ROOT / "crds" / "samples" / "sites.yaml"
+CLIENT_ONLY_SAMPLE = ROOT / "crds" / "samples" / "client-only.yaml"
 POD_ID = "fedkube-operator-7d9c-test"  # the chart sets POD_ID to the operator pod's name
 T = TypeVar("T")
 
@@ -322,6 +325,49 @@ def test_sites_get_their_own_certificates_bundles_and_revocation(
         assert refused.returncode == 1
         assert f"job {namespace}/diagnosis has no site 'south' (its sites: north, lab)" in \
             refused.stderr.replace("\n", " ")
+
+
+def test_a_client_only_job_runs_only_its_sites_clients(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path) -> None:
+    """The lab's own cluster: the bundle the federation's admin sent, applied as is, and the
+    client-only sample. Only the lab's clients appear, started from the mounted bundle."""
+    now, valid = datetime.now(UTC), timedelta(days=1)
+    ca = pki.issue_ca("hospitals", "diagnosis", now, valid)
+    pair = pki.issue_client(ca, pki.Identity("hospitals", "diagnosis", "lab"), now, valid)
+    bundle = tmp_path / "lab-bundle.yaml"
+    bundle.write_text(yaml.safe_dump(Bundle("fl.diagnosis.example:50051", "hospitals",
+                                            "diagnosis", "lab",
+                                            TlsFiles(ca.cert, pair.cert, pair.key)).to_secret()))
+    operator, kubectl = start_operator(tools, cluster, tmp_path, "--standalone")
+    with operator:
+        wait_watching(cluster, operator)
+        assert "secret/diagnosis-lab-bundle created" in kubectl.out(
+            "apply", "-f", str(bundle), "--validate=false")
+        kubectl.out("apply", "-f", str(CLIENT_ONLY_SAMPLE), "--validate=false")
+        pods = wait_for(lambda: kubectl.pods("diagnosis-lab"), what="the lab's client pod")
+        assert list(pods) == ["diagnosis-lab-lab-0"]
+        (container,) = pods["diagnosis-lab-lab-0"]["spec"]["containers"]
+        assert container["args"] == ["client", "--bundle", "/var/run/secrets/fedkube/bundle",
+                                     "--replica", "0", "--data", "/data"]
+        volumes = {v["name"]: v for v in pods["diagnosis-lab-lab-0"]["spec"]["volumes"]}
+        assert volumes["bundle"]["secret"]["secretName"] == "diagnosis-lab-bundle"
+        assert volumes["site-data"]["persistentVolumeClaim"]["claimName"] == "lab-records"
+        # Nothing else: no aggregator, configuration, Service or certificates of its own.
+        for kind in ("configmap", "service", "secret"):
+            mine = [o["metadata"]["name"] for o in kubectl.json("get", kind)["items"]
+                    if o["metadata"].get("labels", {}).get("fedkube.io/job") == "diagnosis-lab"]
+            assert mine == [], kind
+        kubectl.set_pod_status("diagnosis-lab-lab-0", {"phase": "Running"})
+        wait_for(lambda: (kubectl.job("diagnosis-lab") or {}).get("status", {})
+                 .get("phase") == "Running", what="phase Running")
+        # The remote aggregator finished: the client exits 0.
+        kubectl.set_pod_status("diagnosis-lab-lab-0", {"phase": "Succeeded"})
+        job = wait_for(lambda: (j := kubectl.job("diagnosis-lab")) and
+                       j["status"].get("phase") == "Succeeded" and j, what="Succeeded")
+        succeeded = next(c for c in job["status"]["conditions"] if c["type"] == "Succeeded")
+        assert succeeded["reason"] == "ClientsSucceeded"
+        # The site's bundle is the site admin's: the operator leaves it alone.
+        assert kubectl.json("get", "secret", "diagnosis-lab-bundle")["metadata"]["name"]
 
 
 def test_operator_command_exits_fast_on_sigterm_with_a_hundred_jobs(

@@ -393,3 +393,30 @@ def test_gang_and_network_policy_children() -> None:
     pods = [a.manifest for a in d.actions
             if isinstance(a, Create) and a.manifest["kind"] == "Pod"]
     assert all(p["metadata"]["labels"][builders.LABEL_POD_GROUP] == "j" for p in pods)
+
+
+def client_only_job() -> FederatedJob:
+    return FederatedJob.model_validate({
+        "metadata": {"name": "lab", "namespace": "ns", "uid": "u2"},
+        "spec": {"remote": {"bundleSecret": "fl-lab-bundle"},
+                 "sites": [{"name": "lab", "replicas": 2,
+                            "data": {"volume": {"hostPath": {"path": "/srv/lab"}}}}]}})
+
+
+def test_a_client_only_job_makes_only_its_sites_clients() -> None:
+    job = client_only_job()
+    job, d = step(job, Observed())
+    assert creates(d) == ["lab-lab-0", "lab-lab-1"]
+    assert d.status.message == ("created 2 client pods of site lab for a remote aggregator "
+                                "(bundle fl-lab-bundle)")
+    assert "PlaintextTransport" not in reasons(d)
+    pods = [pod(p) for p in builders.pods(job)]
+    job, d = step(job, Observed(pods=pods))
+    assert d.status.phase is Phase.RUNNING and reasons(d) == ["ClientsRunning"]
+    pods[0] = pod(builders.client_pod(job, 0), "Succeeded")
+    job, d = step(job, Observed(pods=pods))
+    assert d.status.phase is Phase.RUNNING  # one client still takes part
+    pods[1] = pod(builders.client_pod(job, 1), "Succeeded")
+    _, d = step(job, Observed(pods=pods))
+    assert d.status.phase is Phase.SUCCEEDED
+    assert d.status.condition(ConditionType.SUCCEEDED).reason == "ClientsSucceeded"

@@ -471,6 +471,15 @@ class SecuritySpec(ApiModel):
     from."""
 
 
+class RemoteSpec(ApiModel):
+    """Where a client-only job's aggregator is, and who this cluster's site is there."""
+
+    bundle_secret: str = Field(min_length=1, max_length=253,
+                               pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """The Secret holding the site's join bundle (``fedkube bundle JOB SITE``, applied here
+    with ``kubectl apply -f``): the aggregator's address, the job's CA, the site's key."""
+
+
 @dataclass(frozen=True)
 class ClientSlot:
     """One client of a job: its index among all clients, its site, its index there."""
@@ -505,6 +514,10 @@ class FederatedJobSpec(ApiModel):
     sites: list[SiteSpec] = Field(default_factory=list, max_length=100)
     """The members of a real federation, each with its own data and placement. When given,
     each site runs ``replicas`` clients and ``clients.replicas`` is not used."""
+
+    remote: RemoteSpec | None = None
+    """A client-only job: this cluster runs one site's clients for an aggregator elsewhere
+    (named by the site's join bundle); no aggregator here. ``sites`` holds that one site."""
 
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     """Central differential privacy."""
@@ -550,20 +563,30 @@ class FederatedJobSpec(ApiModel):
         ),
         Rule(
             cel=(
-                "!has(self.sites) || self.sites.size() == 0 || "
+                "!has(self.sites) || self.sites.size() == 0 || has(self.remote) || "
                 "self.strategy.minClients <= self.sites.map(s, s.replicas).sum()"
             ),
             message=(
                 "strategy.minClients exceeds the clients of all sites together, so no round "
                 "could complete: lower strategy.minClients or raise sites[].replicas"
             ),
-            check=lambda s: not s.sites or s.strategy.min_clients <= s.num_clients,
+            check=lambda s: not s.sites or s.remote is not None
+            or s.strategy.min_clients <= s.num_clients,
             field_path=".strategy.minClients",
         ),
         Rule(
             cel="!has(self.sites) || self.sites.all(a, self.sites.exists_one(b, b.name == a.name))",
             message="two sites have the same name: each site's name is its identity",
             check=lambda s: len({site.name for site in s.sites}) == len(s.sites),
+            field_path=".sites",
+        ),
+        Rule(
+            cel="!has(self.remote) || (has(self.sites) && self.sites.size() == 1)",
+            message=(
+                "a client-only job (remote) runs one site's clients: give exactly one entry "
+                "in sites, the site its join bundle is for"
+            ),
+            check=lambda s: s.remote is None or len(s.sites) == 1,
             field_path=".sites",
         ),
         Rule(

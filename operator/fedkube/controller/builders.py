@@ -37,6 +37,8 @@ Manifest = dict[str, Any]
 CONFIG_KEY = CONFIG_MOUNT_PATH.rsplit("/", 1)[1]
 #: cert-manager's Certificate API, which the operator writes in mode CertManager.
 CERTIFICATE_API_VERSION = "cert-manager.io/v1"
+#: Where a client-only job's pods mount the site's join bundle (a folder of its keys).
+BUNDLE_MOUNT_DIR = "/var/run/secrets/fedkube/bundle"
 #: Mode of the mounted TLS files: readable by the pod's user and group (fsGroup) only.
 TLS_FILE_MODE = 0o440
 #: Label of the PodGroup a pod belongs to (scheduler-plugins coscheduling).
@@ -78,7 +80,9 @@ def identities(job: FederatedJob) -> list[str | None]:
 
 
 def tls_enabled(job: FederatedJob) -> bool:
-    return job.spec.security.tls.mode != "Disabled"
+    """Whether this job's certificates are made here (not in a client-only job: its site's
+    certificate comes in the bundle)."""
+    return job.spec.security.tls.mode != "Disabled" and job.spec.remote is None
 
 
 def exposed(job: FederatedJob) -> bool:
@@ -277,14 +281,17 @@ def _pod(job: FederatedJob, name: str, role: str, args: list[str],
     pod_labels = dict(extra_labels)
     if sched.gang:
         pod_labels[LABEL_POD_GROUP] = podgroup_name(job.name)
-    mounts = [
-        {"name": "config", "mountPath": _volume_dir(CONFIG_MOUNT_PATH), "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    volumes: list[Manifest] = [
-        {"name": "config", "configMap": {"name": configmap_name(job.name)}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    if spec.remote is not None:
+        # A client-only job: the site's join bundle instead of the job's configuration.
+        mounts.append({"name": "bundle", "mountPath": BUNDLE_MOUNT_DIR, "readOnly": True})
+        volumes.append({"name": "bundle", "secret": {"secretName": spec.remote.bundle_secret,
+                                                     "defaultMode": TLS_FILE_MODE}})
+    else:
+        mounts.insert(0, {"name": "config", "mountPath": _volume_dir(CONFIG_MOUNT_PATH),
+                          "readOnly": True})
+        volumes.insert(0, {"name": "config", "configMap": {"name": configmap_name(job.name)}})
     if tls_enabled(job):
         # The aggregator's key, or this site's: never another site's.
         secret = server_secret_name(job.name) if role == ROLE_AGGREGATOR else \
@@ -370,8 +377,13 @@ def client_pod(job: FederatedJob, index: int) -> Manifest:
     extra = {LABEL_CLIENT_INDEX: str(index)}
     if slot.site is not None:
         extra[LABEL_SITE] = slot.site.name
-    return _pod(job, client_name(job.name, slot), ROLE_CLIENT,
-                ["client", "--config", CONFIG_MOUNT_PATH, "--index", str(index)], extra, slot)
+    if job.spec.remote is not None and slot.site is not None:
+        # Its place at the remote aggregator: the site_index-th client of the bundle's site.
+        args = ["client", "--bundle", BUNDLE_MOUNT_DIR, "--replica", str(slot.site_index),
+                "--data", slot.site.data.mount_path]
+    else:
+        args = ["client", "--config", CONFIG_MOUNT_PATH, "--index", str(index)]
+    return _pod(job, client_name(job.name, slot), ROLE_CLIENT, args, extra, slot)
 
 
 def network_policy(job: FederatedJob) -> Manifest:
@@ -426,13 +438,19 @@ def client_pods(job: FederatedJob) -> list[Manifest]:
 
 
 def pods(job: FederatedJob) -> list[Manifest]:
-    """Every pod the job needs: the aggregator, then the clients in index order."""
+    """Every pod the job needs: the aggregator, then the clients in index order (only the
+    clients in a client-only job)."""
+    if job.spec.remote is not None:
+        return client_pods(job)
     return [aggregator_pod(job), *client_pods(job)]
 
 
 def support_objects(job: FederatedJob) -> list[Manifest]:
     """Everything but the pods and the operator's own Secrets (see
-    :mod:`fedkube.controller.credentials`), in creation order."""
+    :mod:`fedkube.controller.credentials`), in creation order. A client-only job needs
+    none: its pods mount the site's bundle Secret, which the site's admin applied."""
+    if job.spec.remote is not None:
+        return []
     out = [configmap(job), service(job)]
     if job.spec.security.tls.mode == "CertManager":
         out += certificates(job)

@@ -90,7 +90,7 @@ def plan_secrets(job: FederatedJob, secrets: Mapping[str, Manifest],
                  now: datetime) -> SecretPlan:
     """What to create, re-issue and delete among the job's Secrets (name -> Secret)."""
     plan = SecretPlan(delete=stale_site_secrets(job, secrets))
-    if job.spec.security.tls.mode != "Operator":
+    if job.spec.security.tls.mode != "Operator" or job.spec.remote is not None:
         return plan
     valid = timedelta(days=job.spec.security.tls.validity_days)
 

@@ -307,10 +307,7 @@ class _Reconciler:
                         f"the job ran longer than activeDeadlineSeconds ({deadline}s)")
             return
         self.apply_report()
-        aggregator = self.pods.get(builders.aggregator_name(self.job.name))
-        if aggregator is not None and pod_phase(aggregator) == "Succeeded":
-            self.finish(Phase.SUCCEEDED, "AggregatorSucceeded",
-                        f"all {self.spec.rounds} rounds completed")
+        if self.succeeded():
             return
         if self.handle_failed_pods() or self.handle_stuck_pods():
             return
@@ -321,6 +318,24 @@ class _Reconciler:
             self.revoke_removed_sites()
         self.create_missing()
         self.update_running()
+
+    def succeeded(self) -> bool:
+        """Finish the job when it is done: its aggregator exited 0, or, in a client-only job,
+        every client did (the remote aggregator told them the job is over)."""
+        if self.spec.remote is None:
+            aggregator = self.pods.get(builders.aggregator_name(self.job.name))
+            if aggregator is not None and pod_phase(aggregator) == "Succeeded":
+                self.finish(Phase.SUCCEEDED, "AggregatorSucceeded",
+                            f"all {self.spec.rounds} rounds completed")
+                return True
+            return False
+        clients = [self.pods.get(name) for name in self.desired_pods()]
+        if all(pod is not None and pod_phase(pod) == "Succeeded" for pod in clients):
+            self.finish(Phase.SUCCEEDED, "ClientsSucceeded",
+                        f"the remote aggregator finished the job: all {len(clients)} clients "
+                        f"of site {self.spec.sites[0].name} exited")
+            return True
+        return False
 
     def apply_report(self) -> None:
         report = self.observed.report
@@ -428,21 +443,29 @@ class _Reconciler:
             self.decision.actions.append(Create(pod))
         if self.status.start_time is None and missing:
             self.decision.created = True
-            message = f"created the aggregator and {len(missing) - 1} client pods"
+            message = (f"created the aggregator and {len(missing) - 1} client pods"
+                       if job.spec.remote is None else
+                       f"created {len(missing)} client pods of site {job.spec.sites[0].name} "
+                       f"for a remote aggregator (bundle {job.spec.remote.bundle_secret})")
             self.update(start_time=self.now, message=message)
             self.condition(ConditionType.CREATED, True, "ChildrenCreated", message, "Normal")
-            if not builders.tls_enabled(job):
+            if job.spec.security.tls.mode == "Disabled" and job.spec.remote is None:
                 self.event("Warning", "PlaintextTransport",
                            "spec.security.tls.mode is Disabled: gRPC is plaintext and any "
                            "client that reaches the aggregator can join")
 
     def update_running(self) -> None:
-        aggregator = self.pods.get(builders.aggregator_name(self.job.name))
-        if aggregator is not None and pod_phase(aggregator) == "Running" and \
-                self.status.phase is not Phase.RUNNING:
+        if self.spec.remote is None:
+            aggregator = self.pods.get(builders.aggregator_name(self.job.name))
+            running = aggregator is not None and pod_phase(aggregator) == "Running"
+            reason, message = "AggregatorRunning", "the aggregator is running"
+        else:
+            running = any(pod_phase(p) == "Running" for p in self.pods.values())
+            reason = "ClientsRunning"
+            message = f"site {self.spec.sites[0].name}'s clients are running"
+        if running and self.status.phase is not Phase.RUNNING:
             self.update(phase=Phase.RUNNING)
-            self.condition(ConditionType.RUNNING, True, "AggregatorRunning",
-                           "the aggregator is running", "Normal")
+            self.condition(ConditionType.RUNNING, True, reason, message, "Normal")
         restarting = self.status.condition(ConditionType.RESTARTING)
         expected = self.desired_pods()
         if restarting is not None and restarting.status == "True" and \
