@@ -290,6 +290,9 @@ def test_sites_get_their_own_certificates_bundles_and_revocation(
                                else {f"diagnosis-site-{site}-tls"}), name
         service = kubectl.json("get", "service", "diagnosis-aggregator")
         assert service["spec"]["type"] == "LoadBalancer"
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+        metrics = kubectl.json("get", "service", "diagnosis-aggregator-metrics")
+        assert metrics["spec"]["type"] == "ClusterIP"
 
         # The site's admin hands out the bundle; it holds the site's key, for its eyes only.
         bundle_file = tmp_path / "south.yaml"

@@ -463,11 +463,19 @@ def test_the_service_carries_type_and_annotations() -> None:
     annotations = {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
     job = make_job("a", aggregator=exposed_at("203.0.113.7:443", type="LoadBalancer",
                                               annotations=annotations))
-    service = builders.service(job)
-    assert service["spec"]["type"] == "LoadBalancer"
-    assert service["metadata"]["annotations"] == annotations
-    default = builders.service(make_job("a"))
+    public, metrics = builders.services(job)
+    assert public["spec"]["type"] == "LoadBalancer"
+    assert public["metadata"]["annotations"] == annotations
+    # The load balancer publishes gRPC only; /metrics and /status stay inside the cluster.
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
+    assert (metrics["metadata"]["name"], metrics["spec"]["type"]) == \
+        ("j-aggregator-metrics", "ClusterIP")
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    assert builders.metrics_service_name(job) == "j-aggregator-metrics"
+    (default,) = builders.services(make_job("a"))
     assert default["spec"]["type"] == "ClusterIP" and "annotations" not in default["metadata"]
+    assert [p["name"] for p in default["spec"]["ports"]] == ["grpc", "metrics"]
+    assert builders.metrics_service_name(make_job("a")) == "j-aggregator"
 
 
 @pytest.mark.parametrize(("address", "dialed"), [

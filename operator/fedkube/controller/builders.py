@@ -245,24 +245,33 @@ def certificates(job: FederatedJob) -> list[Manifest]:
             *(certificate(job, site) for site in identities(job))]
 
 
-def service(job: FederatedJob) -> Manifest:
+def metrics_service_name(job: FederatedJob) -> str:
+    """The Service of the aggregator's HTTP port (``/metrics``, ``/status``)."""
+    return f"{aggregator_name(job.name)}-metrics" if exposed(job) else aggregator_name(job.name)
+
+
+def services(job: FederatedJob) -> list[Manifest]:
+    """The aggregator's Service: gRPC and the HTTP port inside the cluster. An exposed job's
+    Service (``aggregator.service``) carries gRPC alone, and the HTTP port gets a ClusterIP
+    Service of its own, so that no load balancer ever publishes ``/metrics``."""
     agg = job.spec.aggregator
-    metadata = _metadata(job, aggregator_name(job.name), ROLE_AGGREGATOR)
+    grpc_port = {"name": "grpc", "port": agg.port, "targetPort": "grpc", "protocol": "TCP"}
+    metrics_port = {"name": "metrics", "port": agg.metrics_port, "targetPort": "metrics",
+                    "protocol": "TCP"}
+
+    def service(name: str, type_: str, ports: list[Manifest]) -> Manifest:
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": _metadata(job, name, ROLE_AGGREGATOR),
+                "spec": {"type": type_,
+                         "selector": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR},
+                         "ports": ports}}
+
+    if not exposed(job):
+        return [service(aggregator_name(job.name), "ClusterIP", [grpc_port, metrics_port])]
+    public = service(aggregator_name(job.name), agg.service.type, [grpc_port])
     if agg.service.annotations:
-        metadata["annotations"] = dict(agg.service.annotations)
-    return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": metadata,
-        "spec": {
-            "type": agg.service.type,
-            "selector": {LABEL_JOB: job.name, LABEL_ROLE: ROLE_AGGREGATOR},
-            "ports": [
-                {"name": "grpc", "port": agg.port, "targetPort": "grpc", "protocol": "TCP"},
-                {"name": "metrics", "port": agg.metrics_port, "targetPort": "metrics",
-                 "protocol": "TCP"},
-            ],
-        },
-    }
+        public["metadata"]["annotations"] = dict(agg.service.annotations)
+    return [public, service(metrics_service_name(job), "ClusterIP", [metrics_port])]
 
 
 def _dump(model: ApiModel) -> Any:
@@ -451,7 +460,7 @@ def support_objects(job: FederatedJob) -> list[Manifest]:
     none: its pods mount the site's bundle Secret, which the site's admin applied."""
     if job.spec.remote is not None:
         return []
-    out = [configmap(job), service(job)]
+    out = [configmap(job), *services(job)]
     if job.spec.security.tls.mode == "CertManager":
         out += certificates(job)
     if job.spec.security.network_policy:

@@ -167,7 +167,8 @@ class Controller:
         aggregator = builders.aggregator_name(job.name)
         if any(p["metadata"]["name"] == aggregator and
                (p.get("status") or {}).get("phase") == "Running" for p in pods):
-            url = self.settings.aggregator_status_url(aggregator, job.namespace,
+            url = self.settings.aggregator_status_url(builders.metrics_service_name(job),
+                                                      job.namespace,
                                                       job.spec.aggregator.metrics_port)
             raw = await kube.fetch_json(url, self.settings.status_timeout_seconds)
             if raw is not None:
