@@ -185,9 +185,19 @@ def job_dashboard() -> dict[str, Any]:
               unit="percentunit"),
         Panel("Evaluation reports",
               "Federated evaluation reports received per second, by outcome (late: for "
-              "another round, unasked, or twice).",
+              "a round already over).",
               (Target(f"sum by (status) (rate(fedkube_evaluations_total{{{JOB}}}[{RATE}]))",
                       "{{status}}"),), unit="ops"),
+        Panel("Refused callers",
+              "Calls refused per second, by reason: after the TLS handshake (another job's or "
+              "a revoked site's certificate, another site's index or session, a replayed or "
+              "unasked answer), and connections TLS refused (no certificate, another CA, "
+              "expired, plaintext: handshakes that never carried a call).",
+              (Target(f"sum by (reason) (rate(fedkube_refusals_total{{{JOB}}}[{RATE}]))",
+                      "{{reason}}"),
+               Target(f"sum(rate(fedkube_tls_handshakes_total{{{JOB}}}[{RATE}])) - "
+                      f"sum(rate(fedkube_tls_sessions_total{{{JOB}}}[{RATE}]))",
+                      "refused by TLS")), unit="ops"),
     ]
     variables = [
         _variable("namespace", "Namespace", "label_values(fedkube_round, namespace)"),

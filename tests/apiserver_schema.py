@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import celpy
 import jsonschema
+import yaml
 
 Schema = dict[str, Any]
 
@@ -162,3 +164,37 @@ def admit(schema: Schema, obj: Any) -> list[str]:
     if errors:  # the API server runs CEL only on schema-valid objects
         return errors
     return [f"{f.path}{f.field_path}: {f.message}" for f in cel_failures(schema, defaulted)]
+
+
+def strict(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists the fields (as
+    ``kubectl apply --validate=strict`` refuses them)."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) if key in ("properties", "items", "additionalProperties",
+                                          "anyOf", "allOf", "oneOf", "not") else value
+           for key, value in schema.items()}
+    if "properties" in out:
+        out["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if "additionalProperties" not in out and \
+                not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+#: cert-manager's Certificate CRD (cert-manager 1.19, vendored with its source and license).
+CERTIFICATE_CRD = Path(__file__).resolve().parent / "fixtures" / "cert-manager" / \
+    "certificates.cert-manager.io.yaml"
+
+
+def cert_manager_certificate_schema() -> Schema:
+    """cert-manager.io/v1 Certificate's schema, made strict (see :func:`strict`)."""
+    (crd,) = [d for d in yaml.safe_load_all(CERTIFICATE_CRD.read_text()) if d]
+    assert crd["metadata"]["name"] == "certificates.cert-manager.io"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["served"] and version["storage"]
+    schema: Schema = version["schema"]["openAPIV3Schema"]
+    assert structural_problems(schema) == []
+    return strict(schema)

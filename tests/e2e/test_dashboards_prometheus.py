@@ -142,6 +142,9 @@ def test_job_dashboard_queries_on_prometheus_over_the_aggregator_registry(
                 metrics.global_accuracy.set(0.5 + round_ / 20)
                 metrics.federated_accuracy.set(0.45 + round_ / 20)
                 metrics.evaluations["accepted"].inc(2)
+                metrics.refusals["revoked"].inc()
+                metrics.tls_handshakes.inc(3)
+                metrics.tls_sessions.inc(2)
             prom.wait_scrapes(2)
             assert_every_panel_returns_data(prom, "federated-job.json", start, time.time())
             # A label the code does not export leaves a panel empty, and the check says so.

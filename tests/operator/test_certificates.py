@@ -8,7 +8,6 @@ import base64
 import copy
 import ipaddress
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,12 +31,10 @@ from fedkube.controller.reconcile import (
     Update,
     reconcile,
 )
-from tests.apiserver_schema import Schema, admit, structural_problems
+from tests.apiserver_schema import Schema, admit, cert_manager_certificate_schema
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
-CRD = Path(__file__).resolve().parents[1] / "fixtures" / "cert-manager" / \
-    "certificates.cert-manager.io.yaml"
 ISSUER = {"name": "fedkube-ca", "kind": "ClusterIssuer"}
 CERT_MANAGER = {"tls": {"mode": "CertManager", "issuerRef": ISSUER}}
 
@@ -256,33 +253,9 @@ def test_stale_site_secrets_in_every_mode() -> None:
 
 # --- mode CertManager: Certificates, strictly valid for cert-manager v1 -------------------
 
-def strict(schema: Any) -> Any:
-    """The schema with unknown fields refused wherever it lists the fields (as
-    ``kubectl apply --validate=strict`` refuses them)."""
-    if isinstance(schema, list):
-        return [strict(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: strict(value) if key in ("properties", "items", "additionalProperties",
-                                          "anyOf", "allOf", "oneOf", "not") else value
-           for key, value in schema.items()}
-    if "properties" in out:
-        out["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
-        if "additionalProperties" not in out and \
-                not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    return out
-
-
 @pytest.fixture(scope="module")
 def certificate_schema() -> Schema:
-    (crd,) = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
-    assert crd["metadata"]["name"] == "certificates.cert-manager.io"
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    assert version["served"] and version["storage"]
-    schema = version["schema"]["openAPIV3Schema"]
-    assert structural_problems(schema) == []
-    return strict(schema)
+    return cert_manager_certificate_schema()
 
 
 def test_certificates_are_valid_cert_manager_v1(certificate_schema: Schema) -> None:

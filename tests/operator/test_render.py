@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fedkube.api.runtime import CHECKPOINT_DIR, OUTPUT_DIR, STATE_DIR
+from tests.apiserver_schema import admit, cert_manager_certificate_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "crds" / "samples").glob("*.yaml"))
@@ -25,7 +26,7 @@ def rendered() -> list[dict]:
 
 
 def test_every_builtin_object_validates_strictly(rendered: list[dict]) -> None:
-    builtin = [o for o in rendered if o["kind"] != "PodGroup"]
+    builtin = [o for o in rendered if o["kind"] not in ("PodGroup", "Certificate")]
     assert {o["kind"] for o in builtin} >= {"ConfigMap", "Secret", "Service", "Pod",
                                             "NetworkPolicy", "PersistentVolumeClaim"}
     for obj in builtin:
@@ -104,3 +105,29 @@ def test_each_site_mounts_only_its_own_data_read_only(rendered: list[dict]) -> N
     mount_path = next(m["mountPath"] for m in pods["diagnosis-lab-0"]["spec"]["containers"][0][
         "volumeMounts"] if m["name"] == "site-data")
     assert mount_path == "/data"
+
+
+def test_certificates_validate_strictly_against_cert_manager(rendered: list[dict]) -> None:
+    """crds/samples/cert-manager.yaml: Certificates in place of the operator's Secrets, each
+    valid cert-manager.io/v1 with unknown fields refused, filling the Secret pods mount."""
+    certificates = [o for o in rendered if o["kind"] == "Certificate"]
+    assert sorted(c["metadata"]["name"] for c in certificates) == [
+        "digits-cert-manager-aggregator-tls", "digits-cert-manager-clients-tls"]
+    schema = cert_manager_certificate_schema()
+    for certificate in certificates:
+        assert admit(schema, certificate) == []
+    assert not [o for o in rendered if o["kind"] == "Secret"
+                and o["metadata"]["labels"]["fedkube.io/job"] == "digits-cert-manager"]
+    mounted = {v["secret"]["secretName"] for o in rendered if o["kind"] == "Pod"
+               and o["metadata"]["labels"]["fedkube.io/job"] == "digits-cert-manager"
+               for v in o["spec"]["volumes"] if "secret" in v}
+    assert mounted == {c["spec"]["secretName"] for c in certificates}
+
+
+def test_a_client_only_job_renders_its_sites_clients_alone(rendered: list[dict]) -> None:
+    """crds/samples/client-only.yaml: one pod per replica of the one site, from the bundle."""
+    mine = [o for o in rendered
+            if o["metadata"].get("labels", {}).get("fedkube.io/job") == "diagnosis-lab"]
+    assert [(o["kind"], o["metadata"]["name"]) for o in mine] == [("Pod", "diagnosis-lab-lab-0")]
+    (volume,) = [v for v in mine[0]["spec"]["volumes"] if v["name"] == "bundle"]
+    assert volume["secret"]["secretName"] == "diagnosis-lab-bundle"
