@@ -13,8 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+import torch
+
 from fedkube.api import FederatedJob, FederatedJobSpec
 from fedkube.api.runtime import RuntimeConfig
+from fedkube.federation import protocol, transport
+from fedkube.federation.proto import fedkube_pb2 as pb
+from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.security import TlsFiles, channel_credentials
 from fedkube.local import CHILD_ENV, ProcessGroup, client_tls_dir, free_port, write_certificates
 
 #: The environment fedkube gives its children, for processes a test starts itself.
@@ -135,3 +142,61 @@ def write_wine_rows(path: Path) -> None:
         writer = csv.writer(stream)
         writer.writerow([*WINE_FEATURES, "cultivar"])
         writer.writerows([*row, label] for row, label in zip(x, y, strict=True))
+
+
+State = dict[str, torch.Tensor]
+
+
+class HandmadeClient:
+    """A client speaking the protocol by hand over one channel, so that it can send anything
+    (``credentials`` None: plaintext)."""
+
+    def __init__(self, config: Path, credentials: grpc.ChannelCredentials | None) -> None:
+        address = RuntimeConfig.from_file(config).aggregator_address
+        self.channel = grpc.secure_channel(address, credentials) \
+            if credentials is not None else grpc.insecure_channel(address)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.client_id = ""
+
+    @classmethod
+    def of_site(cls, config: Path, site: str | None) -> HandmadeClient:
+        """With the certificate of ``site`` (None: of the clients of a job without sites)."""
+        files = TlsFiles.read(client_tls_dir(config.parent / "tls", site))
+        return cls(config, channel_credentials(files))
+
+    @classmethod
+    def joined(cls, config: Path, index: int) -> HandmadeClient:
+        """Client ``index``, with its own site's certificate, joined once the aggregator is up."""
+        slot = RuntimeConfig.from_file(config).spec.client_slots()[index]
+        client = cls.of_site(config, slot.site.name if slot.site else None)
+        client.join(index, wait=True)
+        return client
+
+    def join(self, index: int, replica: int = 0, wait: bool = False) -> pb.JoinReply:
+        reply = self.stub.Join(pb.JoinRequest(index=index, site_replica=replica),
+                               wait_for_ready=wait, timeout=60 if wait else 20)
+        self.client_id = reply.client_id
+        return reply
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((protocol.CLIENT_ID_KEY, self.client_id),)
+
+    def pull(self, action: int = pb.TaskHeader.TRAIN) -> tuple[int, State]:
+        """The next task of this kind (TRAIN or EVALUATE): its round and the model."""
+        while True:
+            stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=5),
+                                        metadata=self.metadata, timeout=30)
+            header = next(stream).header
+            if header.action == action:
+                metas = protocol.from_specs(header.tensors)
+                return header.round, transport.assemble(metas, protocol.data_chunks(stream))
+
+    def push(self, round_: int, state: State) -> pb.PushUpdateReply:
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(header=pb.UpdateHeader(
+                round=round_, num_examples=10,
+                tensors=protocol.to_specs(transport.manifest(state))))
+            for data in transport.iter_chunks(state, 1 << 14):
+                yield pb.UpdateChunk(data=data)
+        return self.stub.PushUpdate(messages(), metadata=self.metadata, timeout=30)

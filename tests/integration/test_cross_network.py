@@ -49,6 +49,17 @@ def fedkube(network: Network, host: str, log: Path, *args: str) -> subprocess.Po
                                 start_new_session=True)
 
 
+def write_config(folder: Path, spec: FederatedJobSpec, tls_dir: Path) -> Path:
+    """The aggregator's configuration for job fl/wine: clients dial it by name."""
+    config = folder / "config.yaml"
+    config.write_text(RuntimeConfig(
+        job_name="wine", namespace="fl", spec=spec,
+        aggregator_address=f"{AGGREGATOR_NAME}:{PORT}", tls_dir=str(tls_dir),
+        checkpoint_dir=str(folder / "checkpoints"), output_dir=str(folder / "output"),
+    ).to_yaml())
+    return config
+
+
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     processes: list[subprocess.Popen[bytes]] = []
@@ -83,12 +94,7 @@ def test_sites_on_other_hosts_complete_a_job_over_mutual_tls(
         pair = pki.issue_client(ca, pki.Identity("fl", "wine", site), now, valid)
         site_files[site] = TlsFiles(ca.cert, pair.cert, pair.key)
     site_files["north"].write(tls / "north")
-    config = tmp_path / "config.yaml"
-    config.write_text(RuntimeConfig(
-        job_name="wine", namespace="fl", spec=spec,
-        aggregator_address=f"{AGGREGATOR_NAME}:{PORT}", tls_dir=str(tls / "aggregator"),
-        checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"),
-    ).to_yaml())
+    config = write_config(tmp_path, spec, tls / "aggregator")
     bundle = tmp_path / "south-bundle.yaml"
     bundle.write_text(yaml.safe_dump(Bundle(f"{AGGREGATOR_NAME}:{PORT}", "fl", "wine",
                                             "south", site_files["south"]).to_secret()))
@@ -129,12 +135,7 @@ def test_tls_is_verified_against_the_name_the_site_dials(
     client = pki.issue_client(ca, pki.Identity("fl", "wine"), now, valid)
     TlsFiles(ca.cert, server.cert, server.key).write(tmp_path / "aggregator")
     spec = FederatedJobSpec.model_validate({"rounds": 1, "aggregator": {"port": PORT}})
-    config = tmp_path / "config.yaml"
-    config.write_text(RuntimeConfig(
-        job_name="wine", namespace="fl", spec=spec,
-        aggregator_address=f"{AGGREGATOR_NAME}:{PORT}", tls_dir=str(tmp_path / "aggregator"),
-        checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "output"),
-    ).to_yaml())
+    config = write_config(tmp_path, spec, tmp_path / "aggregator")
     started.append(fedkube(network, "hub", tmp_path / "aggregator.log",
                            "aggregator", "--config", str(config)))
     TlsFiles(ca.cert, client.cert, client.key).write(tmp_path / "client")

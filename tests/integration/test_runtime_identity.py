@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 from runtime_support import (
+    HandmadeClient,
     http_get,
     make_config,
     metric_value,
@@ -30,57 +30,13 @@ from runtime_support import (
 from fedkube import pki
 from fedkube.api import FederatedJob
 from fedkube.api.runtime import RuntimeConfig
-from fedkube.federation import protocol, transport
 from fedkube.federation.proto import fedkube_pb2 as pb
-from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.federation.security import TlsFiles, channel_credentials
 from fedkube.local import client_tls_dir, write_certificates
 
 SITES = [{"name": name, "replicas": 1, "data": {"volume": {"hostPath": {"path": "/srv"}}}}
          for name in ("north", "south")]
 NORTH, SOUTH = 0, 1  # the sites' client indices
-
-State = dict[str, torch.Tensor]
-
-
-class Peer:
-    """A client speaking the protocol by hand over one channel (``credentials`` None:
-    plaintext)."""
-
-    def __init__(self, config: Path, credentials: grpc.ChannelCredentials | None) -> None:
-        address = RuntimeConfig.from_file(config).aggregator_address
-        self.channel = grpc.secure_channel(address, credentials) \
-            if credentials is not None else grpc.insecure_channel(address)
-        self.stub = pb_grpc.FederationStub(self.channel)
-        self.client_id = ""
-
-    def join(self, index: int, replica: int = 0) -> pb.JoinReply:
-        reply = self.stub.Join(pb.JoinRequest(index=index, site_replica=replica), timeout=20)
-        self.client_id = reply.client_id
-        return reply
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((protocol.CLIENT_ID_KEY, self.client_id),)
-
-    def pull_train(self) -> tuple[int, State]:
-        while True:
-            stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=5),
-                                        metadata=self.metadata, timeout=30)
-            header = next(stream).header
-            if header.action == pb.TaskHeader.TRAIN:
-                metas = protocol.from_specs(header.tensors)
-                return header.round, transport.assemble(metas, protocol.data_chunks(stream))
-
-    def push(self, round_: int, state: State) -> pb.PushUpdateReply:
-        def messages() -> Iterator[pb.UpdateChunk]:
-            yield pb.UpdateChunk(header=pb.UpdateHeader(
-                round=round_, num_examples=10,
-                tensors=protocol.to_specs(transport.manifest(state))))
-            for data in transport.iter_chunks(state, 1 << 16):
-                yield pb.UpdateChunk(data=data)
-        return self.stub.PushUpdate(messages(), metadata=self.metadata, timeout=30)
-
 
 @dataclass
 class Job:
@@ -90,10 +46,9 @@ class Job:
     config: Path
     ca: pki.KeyPair
 
-    def site(self, name: str) -> Peer:
-        """A peer with the site's own certificate."""
-        files = TlsFiles.read(client_tls_dir(self.config.parent / "tls", name))
-        return Peer(self.config, channel_credentials(files))
+    def site(self, name: str) -> HandmadeClient:
+        """A client with the site's own certificate."""
+        return HandmadeClient.of_site(self.config, name)
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(http_get(self.config, "/metrics"), name, job="test", **labels)
@@ -150,7 +105,7 @@ def test_tls_refuses_the_connection_before_any_call(job: Job, tmp_path: Path,
     }[case]()
     handshakes = job.metric("fedkube_tls_handshakes_total")
     sessions = job.metric("fedkube_tls_sessions_total")
-    error = refused(lambda: Peer(job.config, credentials).join(NORTH))
+    error = refused(lambda: HandmadeClient(job.config, credentials).join(NORTH))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     wait_for(lambda: job.metric("fedkube_tls_handshakes_total") > handshakes, 10,
              "the refused handshake counted")
@@ -188,7 +143,7 @@ def test_replayed_and_unasked_updates_are_refused_and_not_folded(job: Job) -> No
     north, south = job.site("north"), job.site("south")
     north.join(NORTH)
     south.join(SOUTH)
-    round_, state = north.pull_train()
+    round_, state = north.pull()
     assert north.push(round_, state).status == pb.PushUpdateReply.ACCEPTED
     replay = north.push(round_, state)
     assert (replay.status, replay.reason) == (pb.PushUpdateReply.LATE,
@@ -201,7 +156,7 @@ def test_replayed_and_unasked_updates_are_refused_and_not_folded(job: Job) -> No
     assert job.refusals("not_sampled") == 1
     assert job.folded() == 1
     # The round completes with south's real answer, and the aggregate counts two updates.
-    south_round, south_state = south.pull_train()
+    south_round, south_state = south.pull()
     assert south.push(south_round, south_state).status == pb.PushUpdateReply.ACCEPTED
     wait_for(lambda: status(job.config)["round"] == 1, 30, "round 1")
     assert job.folded() == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -12,6 +12,8 @@ import pytest
 import torch
 from runtime_support import (
     WINE_TASK,
+    HandmadeClient,
+    State,
     http_get,
     make_config,
     metric_value,
@@ -20,47 +22,7 @@ from runtime_support import (
     write_wine_rows,
 )
 
-from fedkube.api.runtime import RuntimeConfig
-from fedkube.federation import protocol, transport
 from fedkube.federation.proto import fedkube_pb2 as pb
-from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
-from fedkube.federation.security import TlsFiles, channel_credentials
-from fedkube.local import client_tls_dir
-
-State = dict[str, torch.Tensor]
-
-
-class Rogue:
-    """A client speaking the protocol by hand, so that it can send anything."""
-
-    def __init__(self, config: Path, index: int) -> None:
-        runtime = RuntimeConfig.from_file(config)
-        site = runtime.spec.client_slots()[index].site  # its own site's certificate
-        files = TlsFiles.read(client_tls_dir(config.parent / "tls", site and site.name))
-        self.channel = grpc.secure_channel(runtime.aggregator_address,
-                                           channel_credentials(files))
-        self.stub = pb_grpc.FederationStub(self.channel)
-        reply = self.stub.Join(pb.JoinRequest(index=index), wait_for_ready=True, timeout=60)
-        self.metadata = ((protocol.CLIENT_ID_KEY, reply.client_id),)
-
-    def pull(self, action: int = pb.TaskHeader.TRAIN) -> tuple[int, State]:
-        """The next task of this kind (TRAIN or EVALUATE): its round and the model."""
-        while True:
-            stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=5),
-                                        metadata=self.metadata)
-            header = next(stream).header
-            if header.action == action:
-                metas = protocol.from_specs(header.tensors)
-                return header.round, transport.assemble(metas, protocol.data_chunks(stream))
-
-    def push(self, round_: int, state: State) -> pb.PushUpdateReply:
-        def messages() -> Iterator[pb.UpdateChunk]:
-            yield pb.UpdateChunk(header=pb.UpdateHeader(
-                round=round_, num_examples=10,
-                tensors=protocol.to_specs(transport.manifest(state))))
-            for data in transport.iter_chunks(state, 1 << 14):
-                yield pb.UpdateChunk(data=data)
-        return self.stub.PushUpdate(messages(), metadata=self.metadata)
 
 
 def _wrong_shape(state: State) -> State:
@@ -80,7 +42,7 @@ def test_malformed_and_poisoned_updates_are_rejected_and_counted(tmp_path: Path)
     with processes(tmp_path) as group:
         aggregator = group.aggregator(config)
         group.client(config, 0)
-        rogue = Rogue(config, 1)
+        rogue = HandmadeClient.joined(config, 1)
         # Each rejection leaves the round one accepted update short of minClients, so the
         # aggregator retries it; the third attempt gets an honest update and completes.
         sends: list[Callable[[State], State]] = [_wrong_shape, _poisoned, lambda s: s]
@@ -116,7 +78,7 @@ def test_federated_evaluations_only_from_the_asked_once_with_sane_numbers(
     with processes(tmp_path) as group:
         aggregator = group.aggregator(config)
         group.client(config, 0, data_dir=data)
-        rogue = Rogue(config, 1)
+        rogue = HandmadeClient.joined(config, 1)
         round_, state = rogue.pull()
         assert rogue.push(round_, state).status == pb.PushUpdateReply.ACCEPTED
         evaluated, _ = rogue.pull(pb.TaskHeader.EVALUATE)
