@@ -273,6 +273,10 @@ def run_local(job_file: Path, *, rounds: int | None = None, clients: int | None 
     """
     try:
         jobs = load_jobs(job_file)
+        if jobs[0].spec.remote is not None:
+            raise UnusableOptions([f"{job_file} is a client-only job (spec.remote): its "
+                                   "aggregator runs elsewhere. Join it from here with "
+                                   "`fedkube client --bundle FILE --data DIR`"])
         if clients is not None and jobs[0].spec.sites:
             raise UnusableOptions([f"--clients sets clients.replicas, which a job with sites "
                                    f"does not use: change sites[].replicas in {job_file}"])

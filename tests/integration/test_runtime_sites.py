@@ -139,3 +139,14 @@ def test_a_site_without_its_data_is_named(tmp_path: Path) -> None:
     assert "site 'north': data directory /nonexistent does not exist" in run.stderr
     assert "site 'south': its data volume is not a hostPath: give its directory here with " \
         "--data south=DIR" in run.stderr
+
+
+def test_a_client_only_job_is_not_run_here_and_says_how_to_join(tmp_path: Path) -> None:
+    fedkube = str(Path(sys.executable).with_name("fedkube"))
+    sample = SAMPLE.with_name("client-only.yaml")
+    run = subprocess.run([fedkube, "run", str(sample)], capture_output=True, text=True,
+                         timeout=60, check=False, cwd=tmp_path)
+    assert run.returncode == 1
+    assert "is a client-only job (spec.remote): its aggregator runs elsewhere. Join it from " \
+        "here with `fedkube client --bundle FILE --data DIR`" in " ".join(run.stderr.split())
+    assert not (tmp_path / "runs").exists()
