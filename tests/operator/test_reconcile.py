@@ -14,6 +14,7 @@ from fedkube.api import FederatedJob
 from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport
 from fedkube.api.status import ConditionType, Phase
 from fedkube.controller import builders, credentials
+from fedkube.controller import reconcile as reconcile_module
 from fedkube.controller.reconcile import (
     ANNOTATION_ACCEPTED_SPEC,
     Create,
@@ -420,3 +421,14 @@ def test_a_client_only_job_makes_only_its_sites_clients() -> None:
     _, d = step(job, Observed(pods=pods))
     assert d.status.phase is Phase.SUCCEEDED
     assert d.status.condition(ConditionType.SUCCEEDED).reason == "ClientsSucceeded"
+
+
+def test_jobs_started_by_the_previous_operator_are_not_taken_for_changed() -> None:
+    """Their annotation holds the hash with minClients in it; the next pass writes today's."""
+    job, _ = step(make_job(), Observed())
+    old_hash = reconcile_module._spec_hash_with_min_clients(job)
+    assert old_hash != spec_hash(job)
+    _, d = step(job, Observed(pods=running_pods(job), support=all_support(job)),
+                accepted=old_hash)
+    assert d.status.condition(ConditionType.SPEC_REJECTED) is None
+    assert d.accepted_spec_hash == spec_hash(job)

@@ -107,6 +107,14 @@ def spec_hash(job: FederatedJob) -> str:
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _spec_hash_with_min_clients(job: FederatedJob) -> str:
+    """The hash as operators before minClients became mutable wrote it, so that the jobs they
+    started are not taken for changed ones after an upgrade (the next pass writes the new
+    hash)."""
+    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS))
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pod_phase(pod: Manifest) -> str:
     return (pod.get("status") or {}).get("phase") or "Pending"
 
@@ -243,7 +251,8 @@ class _Reconciler:
     def check_spec(self) -> None:
         current = spec_hash(self.job)
         started = self.status.start_time is not None
-        if self.accepted is None or self.accepted == current or not started:
+        unchanged = self.accepted in (current, _spec_hash_with_min_clients(self.job))
+        if self.accepted is None or unchanged or not started:
             self.decision.accepted_spec_hash = current
             if self.status.condition(ConditionType.SPEC_REJECTED):
                 self.condition(ConditionType.SPEC_REJECTED, False, "SpecAccepted",
