@@ -39,3 +39,54 @@ def test_model_mismatch_names_the_first_difference() -> None:
     assert checkpoint.model_mismatch(
         {"w": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.float64)}, model) == (
         "b is torch.float64[3], the model's is torch.float32[3]")
+
+
+def _model(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((64, 64), value), "b": torch.zeros(64, dtype=torch.bfloat16)}
+
+
+def _save(folder: Path, round_: int) -> None:
+    checkpoint.save(folder, checkpoint.Checkpoint(round_, _model(float(round_)), {}, [],
+                                                  "ns/job"))
+
+
+def test_the_previous_checkpoint_is_kept_and_nothing_else(tmp_path: Path) -> None:
+    for round_ in (1, 2, 3):
+        _save(tmp_path, round_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.PREVIOUS,
+                                                          checkpoint.FILENAME]
+    saved = checkpoint.load(tmp_path)
+    assert saved is not None and saved.round == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "missing"])
+def test_a_torn_or_corrupt_checkpoint_falls_back_to_the_previous(
+        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    current = tmp_path / checkpoint.FILENAME
+    data = current.read_bytes()
+    if damage == "truncated":  # a write cut short
+        current.write_bytes(data[:len(data) // 2])
+    elif damage == "flipped byte":  # inside the model's tensor bytes, which a zip still reads
+        weights = torch.full((64, 64), 2.0).numpy().tobytes()
+        at = data.index(weights) + 100
+        current.write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:])
+    else:  # killed between keeping the previous and renaming the new one into place
+        current.unlink()
+    saved = checkpoint.load(tmp_path)
+    assert saved is not None and saved.round == 1
+    assert torch.equal(saved.model["w"], _model(1.0)["w"])
+    if damage != "missing":
+        assert "skipping a checkpoint" in caplog.text
+        assert "resuming from the previous checkpoint, after round 1" in caplog.text
+
+
+def test_no_whole_checkpoint_left_is_a_clear_error(tmp_path: Path) -> None:
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    for name in (checkpoint.FILENAME, checkpoint.PREVIOUS):
+        (tmp_path / name).write_bytes(b"torn")
+    with pytest.raises(ConfigurationError, match="no whole checkpoint is left; delete the "
+                                                 "folder"):
+        checkpoint.load(tmp_path)
