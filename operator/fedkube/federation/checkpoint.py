@@ -75,7 +75,7 @@ def checksum(model: dict[str, torch.Tensor]) -> int:
     for name in sorted(model):
         tensor = model[name].detach().cpu().contiguous()
         crc = zlib.crc32(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode(), crc)
-        crc = zlib.crc32(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), crc)
+        crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().data, crc)
     return crc
 
 
