@@ -209,6 +209,9 @@ def bundle(job: str, site: str, namespace: str | None, address: str | None,
 @click.option("--peering-name", default="fedkube", show_default=True,
               help="The kopf (Cluster)KopfPeering the replicas meet in, so that one at a "
                    "time is active; created at start when missing.")
+@click.option("--peering-lifetime", type=click.IntRange(5, 3600), default=15, show_default=True,
+              help="Seconds a replica's peering record lives unrefreshed: how long the "
+                   "standby replicas wait before taking over from one that died abruptly.")
 @click.option("--liveness", default="http://0.0.0.0:8080/healthz", show_default=True,
               help="kopf liveness endpoint URL.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
@@ -216,15 +219,16 @@ def bundle(job: str, site: str, namespace: str | None, address: str | None,
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, standalone: bool,
-             peering_name: str, liveness: str, metrics_port: int, json_logs: bool,
-             verbose: bool) -> None:
+             peering_name: str, peering_lifetime: int, liveness: str, metrics_port: int,
+             json_logs: bool, verbose: bool) -> None:
     """Run the fedkube operator: FederatedJobs -> aggregator and client pods."""
     from fedkube.controller.operator import OperatorOptions, run_operator
 
     if all_namespaces and namespaces:
         raise click.UsageError("use --namespace or --all-namespaces, not both")
     options = OperatorOptions(namespaces=namespaces, standalone=standalone,
-                              peering_name=peering_name, liveness=liveness)
+                              peering_name=peering_name, peering_lifetime=peering_lifetime,
+                              liveness=liveness)
     sys.exit(run_operator(options, metrics_port, json_logs, verbose))
 
 

@@ -93,7 +93,7 @@ def test_dashboards_cover_what_users_watch() -> None:
     assert titles("federated-job.json") == {
         "Round", "Progress", "Round duration", "Clients connected", "Updates",
         "Bytes received", "Aggregation time", "Global loss", "Global accuracy",
-        "Federated accuracy", "Evaluation reports"}
+        "Federated accuracy", "Evaluation reports", "Refused callers"}
 
 
 @pytest.mark.parametrize("board", ["operator.json", "federated-job.json"])

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ SAMPLE = ROOT / "crds" / "samples" / "digits.yaml"
 SITES_SAMPLE = ROOT / "crds" / "samples" / "sites.yaml"
 CLIENT_ONLY_SAMPLE = ROOT / "crds" / "samples" / "client-only.yaml"
 POD_ID = "fedkube-operator-7d9c-test"  # the chart sets POD_ID to the operator pod's name
+PEERING_LIFETIME = 15  # the chart's default peering.lifetime
 T = TypeVar("T")
 
 
@@ -119,11 +121,12 @@ class Kubectl:
 class OperatorProcess:
     """``fedkube operator`` as a subprocess; its log goes to a file the test can show."""
 
-    def __init__(self, argv: list[str], kubeconfig: Path, log: Path) -> None:
+    def __init__(self, argv: list[str], kubeconfig: Path, log: Path,
+                 pod_id: str = POD_ID) -> None:
         # The chart runs `fedkube` from the image's PATH; here, the virtualenv's.
         self.argv = [str(Path(sys.executable).with_name(argv[0])), *argv[1:]]
         self.log = log
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": POD_ID,
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": pod_id,
                     # No aggregator runs here: status polls go to a port nobody serves.
                     "FEDKUBE_STATUS_URL": f"http://127.0.0.1:{free_port()}/status"}
         self.env.pop("FEDKUBE_KUBE_SERVER", None)
@@ -161,10 +164,10 @@ def cluster() -> Iterator[EmulatorThread]:
 
 
 def start_operator(tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path,
-                   *extra: str) -> tuple[OperatorProcess, Kubectl]:
+                   *extra: str, pod_id: str = POD_ID) -> tuple[OperatorProcess, Kubectl]:
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
     argv = chart_operator_argv(tools["helm"], free_port(), free_port()) + list(extra)
-    return OperatorProcess(argv, kubeconfig, tmp_path / "operator.log"), \
+    return OperatorProcess(argv, kubeconfig, tmp_path / f"{pod_id}.log", pod_id), \
         Kubectl(tools["kubectl"], kubeconfig)
 
 
@@ -371,6 +374,58 @@ def test_a_client_only_job_runs_only_its_sites_clients(
         assert succeeded["reason"] == "ClientsSucceeded"
         # The site's bundle is the site admin's: the operator leaves it alone.
         assert kubectl.json("get", "secret", "diagnosis-lab-bundle")["metadata"]["name"]
+
+
+def test_one_replica_reconciles_and_another_takes_over_after_a_crash(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path) -> None:
+    """Two replicas as the chart runs them: the first reconciles, the second stands by; the
+    first is SIGKILLed (no goodbye in the peering object) and the second takes over within
+    the peering lifetime, without creating anything twice, and Events go on."""
+    first, kubectl = start_operator(tools, cluster, tmp_path, pod_id="fedkube-operator-a")
+    second, _ = start_operator(tools, cluster, tmp_path, pod_id="fedkube-operator-b")
+    with ExitStack() as running:
+        running.enter_context(first)
+        wait_watching(cluster, first)
+        running.enter_context(second)  # started second: ranked below the first
+        # Both replicas are in the peering object, the one that started first ranked
+        # higher; kopf keeps the other paused (silently: it starts paused).
+        def peers() -> dict[str, Any]:
+            (peering,) = kubectl.json("get", "clusterkopfpeerings")["items"]
+            return dict(peering.get("status") or {})
+
+        records = wait_for(lambda: (p := peers()) and len(p) == 2 and p,
+                           what="both replicas in the peering object")
+        assert records["fedkube-operator-a"]["priority"] > \
+            records["fedkube-operator-b"]["priority"]
+        assert {peer["lifetime"] for peer in records.values()} == {PEERING_LIFETIME}
+        kubectl.out("apply", "-f", str(SAMPLE), "--validate=false")
+        pods = wait_for(lambda: (p := kubectl.pods("digits")) and len(p) == 6 and p,
+                        what="the job's pods")
+        for name in pods:
+            kubectl.set_pod_status(name, {"phase": "Running"})
+        wait_for(lambda: (kubectl.job("digits") or {}).get("status", {}).get("phase") ==
+                 "Running", what="phase Running")
+        assert "ChildrenCreated" in first.output()
+        assert "fedkube.operator" not in second.output(), "the standby replica reconciled"
+
+        assert first.process is not None
+        first.process.kill()
+        killed = time.monotonic()
+        failed = pods["digits-client-1"]["metadata"]["uid"]
+        kubectl.set_pod_status("digits-client-1", {"phase": "Failed"})
+        wait_for(lambda: (p := kubectl.pods("digits").get("digits-client-1")) and
+                 p["metadata"]["uid"] != failed, what="the new replica to replace the failed pod",
+                 timeout=PEERING_LIFETIME + 30)
+        handover = time.monotonic() - killed
+        print(f"hand-over after SIGKILL: {handover:.1f} s (peering lifetime "
+              f"{PEERING_LIFETIME} s)")
+        assert handover < PEERING_LIFETIME + 10
+        assert "PodFailed" in second.output()
+        # Nothing else was recreated or created twice: the other pods are the same objects.
+        after = {name: pod["metadata"]["uid"] for name, pod in kubectl.pods("digits").items()}
+        assert len(after) == 6
+        assert {n: u for n, u in after.items() if n != "digits-client-1"} == \
+            {n: p["metadata"]["uid"] for n, p in pods.items() if n != "digits-client-1"}
 
 
 def test_operator_command_exits_fast_on_sigterm_with_a_hundred_jobs(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -34,6 +35,13 @@ class OperatorOptions:
     """No peering at all: this process reconciles at once, whatever else runs."""
     peering_name: str = "fedkube"
     """The (Cluster)KopfPeering the replicas meet in, when not standalone."""
+    peering_lifetime: int = 15
+    """Seconds a replica's peering record lives without a refresh: how long the others wait
+    before taking over from one that died without a goodbye (SIGKILL, node loss)."""
+    priority: int = field(default_factory=lambda: -time.time_ns() // 1000)
+    """kopf's peering priority: the replica that started first has the highest, so that one
+    replica reconciles and the others stand by (kopf pauses every replica when two share a
+    priority), and a rollout's new replicas take over only when the old ones are gone."""
     liveness: str | None = None
     """kopf's liveness endpoint URL, e.g. ``http://0.0.0.0:8080/healthz``."""
 
@@ -61,6 +69,8 @@ async def serve(options: OperatorOptions, controller: Controller, *,
     asyncio.get_running_loop().set_exception_handler(_quiet_kopf_stream_close)
     settings = kopf_settings or kopf.OperatorSettings()
     if not options.standalone:
+        settings.peering.priority = options.priority
+        settings.peering.lifetime = options.peering_lifetime
         kube = Kube.connect(credentials(controller.settings, settings))
         try:
             objects = peering_objects(options.peering_name, options.namespaces)
