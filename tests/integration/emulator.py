@@ -55,6 +55,34 @@ class PatchTestFailedError(kmock.KubernetesError):
     message: str = "the resourceVersion test of the JSON patch failed: the object changed"
 
 
+@attrs.frozen
+class InjectedError(kmock.KubernetesError):
+    """An answer a test asked for: throttling (429) or an unwell API server (5xx)."""
+
+    status: int = 503
+    reason: str = "ServiceUnavailable"
+    message: str = "injected by the test"
+
+
+@attrs.define
+class Fault:
+    """Answer the next ``times`` requests of ``action`` on ``plural`` with ``status``. A
+    watch gets it as the API server sends an expired watch: an ERROR event in the stream
+    (410 Gone: its history no longer reaches the resourceVersion asked for)."""
+
+    action: str
+    plural: str
+    status: int
+    times: int
+    subresource: str | None = None
+
+    def matches(self, request: Any) -> bool:
+        return (self.times > 0 and request.resource is not None
+                and str(request.resource.plural) == self.plural
+                and request.action == getattr(enums.action, self.action)
+                and request.subresource == self.subresource)
+
+
 class FedkubeEmulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what a real API server does that kopf and kubectl rely on:
     stamped metadata (pitfall 1), ``generateName`` (kopf's Events), 422 on a failed patch
@@ -64,7 +92,21 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
 
     _versions = itertools.count(1)
 
+    def inject(self, fault: Fault) -> Fault:
+        """Answer matching requests with the fault's error, ``fault.times`` times."""
+        self.__dict__.setdefault("_faults", []).append(fault)
+        return fault
+
+    def _fault(self, request: Any) -> Fault | None:
+        for fault in self.__dict__.get("_faults", ()):
+            if fault.matches(request):
+                fault.times -= 1
+                return fault
+        return None
+
     async def _handle(self, request: Any) -> Any:
+        if request.action != enums.action.WATCH and (fault := self._fault(request)):
+            raise InjectedError(status=fault.status)
         if request.action == enums.action.CREATE and request.resource is not None and \
                 not any(request.resource == declared for declared in self._resources):
             raise kmock.KubernetesResourceNotFoundError()
@@ -126,6 +168,17 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
         document["apiVersion"] = f"{group}/{version}" if group else version
         document["kind"] = f"{info.kind if info and info.kind else 'Unknown'}List"
         return document
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        fault = self._fault(request)
+        if fault is not None:
+            yield b""
+            yield {"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": fault.status,
+                "reason": "Expired", "message": "too old resource version (injected)"}}
+            return
+        async for event in super()._serve_watch(request):
+            yield event
 
     async def _serve_fetch(self, request: Any) -> Any:
         document = await super()._serve_fetch(request)

@@ -14,6 +14,7 @@ import yaml
 from aiohttp import web
 from emulator import (
     Cluster,
+    Fault,
     FedkubeEmulator,
     operator_settings,
     running_operator,
@@ -386,3 +387,36 @@ def _creates(emulator: FedkubeEmulator) -> int:
     from kmock._internal import enums
     return sum(1 for r in emulator._requests if r.action == enums.action.CREATE
                and r.resource is not None and str(r.resource.plural) != "events")
+
+
+async def test_throttling_and_server_errors_are_retried_not_failed(env: Any) -> None:
+    """The API server throttles the job GET (429), fails pod creates (503, 500) and a status
+    patch (500): each call is retried with backoff, the pass still completes, and nothing is
+    created twice."""
+    emulator, cluster, status, metrics, url = env
+    faults = [emulator.inject(Fault("FETCH", "federatedjobs", 429, times=2)),
+              emulator.inject(Fault("CREATE", "pods", 503, times=2)),
+              emulator.inject(Fault("CREATE", "pods", 500, times=1)),
+              emulator.inject(Fault("UPDATE", "federatedjobs", 500, times=1,
+                                    subresource="status"))]
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("flaky", SPEC)
+        pods = await wait_until(lambda: _len_at_least(cluster.pods("flaky"), 4),
+                                what="all pods despite the errors")
+        await wait_until(lambda: _with_phase(cluster, "flaky", "Pending"), what="status written")
+    assert [fault.times for fault in faults] == [0, 0, 0, 0], "every fault was met"
+    assert len(pods) == 4
+    assert metric(metrics, "fedkube_operator_reconcile_total", {"result": "error"}) == 0
+
+
+async def test_an_expired_watch_is_listed_again_and_nothing_is_missed(env: Any) -> None:
+    """The API server answers watches with 410 Gone (its history compacted): the operator
+    lists again, watches again, and still reconciles a job created meanwhile."""
+    emulator, cluster, status, metrics, url = env
+    gone = [emulator.inject(Fault("WATCH", "federatedjobs", 410, times=2)),
+            emulator.inject(Fault("WATCH", "pods", 410, times=2))]
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("after-gone", SPEC)
+        await wait_until(lambda: _len_at_least(cluster.pods("after-gone"), 4),
+                         what="the job's pods after the watches expired")
+    assert [fault.times for fault in gone] == [0, 0]

@@ -6,6 +6,8 @@ adding a second client library to the operator's event loop.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,8 @@ import aiohttp
 import kopf
 
 from fedkube.api.constants import API_VERSION, PLURAL
+
+logger = logging.getLogger("fedkube.operator")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ RESOURCES: dict[str, Resource] = {
 class UndeclaredAccess(RuntimeError):
     """A call the operator's RBAC would not allow: declare the verb in :data:`RESOURCES` (and
     so in the chart) or do not make the call."""
+
+
+#: Answers worth another try: throttled, or the API server (or its etcd) briefly unwell.
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_ATTEMPTS = 5
+RETRY_START_SECONDS, RETRY_MAX_SECONDS = 0.2, 5.0
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    """Seconds to wait: the server's ``Retry-After`` (capped), else ``default``."""
+    try:
+        return min(max(float(header), 0.0), RETRY_MAX_SECONDS) if header else default
+    except ValueError:
+        return default
 
 
 class KubeError(RuntimeError):
@@ -113,13 +131,36 @@ class Kube:
 
     async def _request(self, method: str, url: str, ok: tuple[int, ...] = (),
                        **kwargs: Any) -> dict[str, Any] | None:
-        async with self.session.request(method, url, **kwargs) as response:
-            if response.status in ok:
-                return None
-            if response.status >= 400:
-                raise KubeError(response.status, method, url, await response.text())
-            result: dict[str, Any] = await response.json(content_type=None)
-            return result
+        """One call, retried while the API server is throttling (429, after its Retry-After)
+        or briefly unwell (5xx, a dropped connection). Retrying is safe for every call the
+        operator makes: names are deterministic (a create that did land answers 409, which
+        is ``ok``), deletes answer 404 when done, merge patches are idempotent."""
+        delay = RETRY_START_SECONDS
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                async with self.session.request(method, url, **kwargs) as response:
+                    if response.status in ok:
+                        return None
+                    if response.status in RETRIED_STATUSES and attempt < RETRY_ATTEMPTS:
+                        wait = _retry_after(response.headers.get("Retry-After"), delay)
+                        logger.warning("%s %s: HTTP %d; retrying in %.1fs (attempt %d of %d)",
+                                       method, url, response.status, wait, attempt,
+                                       RETRY_ATTEMPTS)
+                        await asyncio.sleep(wait)
+                        delay = min(delay * 2, RETRY_MAX_SECONDS)
+                        continue
+                    if response.status >= 400:
+                        raise KubeError(response.status, method, url, await response.text())
+                    result: dict[str, Any] = await response.json(content_type=None)
+                    return result
+            except aiohttp.ClientConnectionError as error:
+                if attempt == RETRY_ATTEMPTS:
+                    raise
+                logger.warning("%s %s: %s; retrying in %.1fs (attempt %d of %d)", method, url,
+                               error, delay, attempt, RETRY_ATTEMPTS)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
