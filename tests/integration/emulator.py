@@ -104,9 +104,18 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
                 return fault
         return None
 
+    def before_writes(self, hook: Callable[[Any], None] | None) -> None:
+        """Call ``hook`` with every create, update and delete before it is served (a test
+        kills its operator there, mid-pass); None removes it."""
+        self.__dict__["_before_write"] = hook
+
     async def _handle(self, request: Any) -> Any:
         if request.action != enums.action.WATCH and (fault := self._fault(request)):
             raise InjectedError(status=fault.status)
+        hook = self.__dict__.get("_before_write")
+        if hook is not None and request.action in (
+                enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
+            hook(request)
         if request.action == enums.action.CREATE and request.resource is not None and \
                 not any(request.resource == declared for declared in self._resources):
             raise kmock.KubernetesResourceNotFoundError()

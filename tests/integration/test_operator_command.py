@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from emulator import EmulatorThread
+from emulator import EmulatorThread, InjectedError
 
 from fedkube import pki
 from fedkube.bundle import Bundle, secret_values
@@ -426,6 +427,91 @@ def test_one_replica_reconciles_and_another_takes_over_after_a_crash(
         assert len(after) == 6
         assert {n: u for n, u in after.items() if n != "digits-client-1"} == \
             {n: p["metadata"]["uid"] for n, p in pods.items() if n != "digits-client-1"}
+
+
+def test_an_operator_killed_again_and_again_converges_and_counts_once(
+        tools: dict[str, Path], cluster: EmulatorThread, tmp_path: Path) -> None:
+    """A job lives through creation, running, a failed client, a scale-down and success,
+    with the operator SIGKILLed in every stage after a random number of its own writes (or
+    once the stage is done) and started anew. Children and status converge, the failure is
+    counted once, and nothing is created twice."""
+    rng = random.Random(13)
+    kills: list[bool] = []
+    kubectl = Kubectl(tools["kubectl"], cluster.kubeconfig(tmp_path / "kubeconfig"))
+    kubectl.out("apply", "-f", str(SAMPLE), "--validate=false")
+
+    def job() -> dict[str, Any]:
+        return kubectl.job("digits") or {}
+
+    def live(cycle: int, done: Callable[[], bool]) -> None:
+        """One operator's life: SIGKILLed as it makes its k-th write (k from 1 to 4), which
+        is then never served, or once ``done``."""
+        operator, _ = start_operator(tools, cluster, tmp_path, "--standalone",
+                                     pod_id=f"operator-{cycle}")
+        limit, seen = rng.randint(1, 4), []
+
+        def kill_at_limit(request: Any) -> None:
+            if str(request.resource.plural) == "events" or operator.process is None:
+                return
+            seen.append(request)
+            if len(seen) >= limit and operator.process.poll() is None:
+                operator.process.kill()
+                raise InjectedError(status=503)  # the request dies with its sender
+
+        assert cluster.emulator is not None
+        cluster.emulator.before_writes(kill_at_limit)
+        try:
+            with operator:
+                assert operator.process is not None
+                wait_for(lambda: operator.process.poll() is not None or done(),  # type: ignore[union-attr]
+                         what=f"operator {cycle} killed at write {limit}, or its stage done")
+        finally:
+            cluster.emulator.before_writes(None)
+        kills.append(len(seen) >= limit)
+
+    def until(cycle: int, done: Callable[[], bool]) -> None:
+        """Operators live and die until the stage is done."""
+        while not done():
+            live(cycle, done)
+            cycle += 100
+
+    pods = lambda: kubectl.pods("digits")  # noqa: E731
+    until(0, lambda: len(pods()) == 6)
+    first_uids = {name: pod["metadata"]["uid"] for name, pod in pods().items()}
+    for name in pods():
+        kubectl.set_pod_status(name, {"phase": "Running"})
+    until(1, lambda: job().get("status", {}).get("phase") == "Running"
+          and job()["status"]["clients"]["ready"] == 5)
+    failed = pods()["digits-client-2"]["metadata"]["uid"]
+    kubectl.set_pod_status("digits-client-2", {"phase": "Failed"})
+    until(2, lambda: (p := pods().get("digits-client-2")) is not None
+          and p["metadata"]["uid"] != failed)
+    kubectl.set_pod_status("digits-client-2", {"phase": "Running"})
+    kubectl.out("patch", "fj", "digits", "--type=merge", "-p", json.dumps(
+        {"spec": {"clients": {"replicas": 3}, "strategy": {"minClients": 3}}}))
+    until(3, lambda: sorted(pods()) == ["digits-aggregator", "digits-client-0",
+                                        "digits-client-1", "digits-client-2"])
+    kept = {name for name, pod in pods().items()
+            if pod["metadata"]["uid"] == first_uids[name]}
+    assert kept == {"digits-aggregator", "digits-client-0", "digits-client-1"}
+    kubectl.set_pod_status("digits-aggregator", {"phase": "Succeeded"})
+    until(4, lambda: job().get("status", {}).get("phase") == "Succeeded")
+
+    # One more operator, left to finish: everything has converged.
+    operator, _ = start_operator(tools, cluster, tmp_path, "--standalone", pod_id="last")
+    with operator:
+        wait_watching(cluster, operator)
+        final = wait_for(lambda: (j := job()) and j["status"]["phase"] == "Succeeded"
+                         and sorted(pods()) == ["digits-aggregator"] and j,
+                         what="Succeeded, clients cleaned up (cleanPodPolicy Running)")
+    status = final["status"]
+    assert status["restarts"] == 1, status
+    assert {c["type"] for c in status["conditions"] if c["status"] == "True"} == \
+        {"Created", "Succeeded"}
+    # Nothing was recreated but the failed client: the aggregator is the very first one.
+    assert pods()["digits-aggregator"]["metadata"]["uid"] == first_uids["digits-aggregator"]
+    print(f"operators started: {len(kills)}, killed mid-pass: {sum(kills)}")
+    assert sum(kills) >= 5
 
 
 def test_operator_command_exits_fast_on_sigterm_with_a_hundred_jobs(

@@ -432,3 +432,21 @@ def test_jobs_started_by_the_previous_operator_are_not_taken_for_changed() -> No
                 accepted=old_hash)
     assert d.status.condition(ConditionType.SPEC_REJECTED) is None
     assert d.accepted_spec_hash == spec_hash(job)
+
+
+def test_a_failure_is_counted_once_when_the_pass_that_counted_it_was_cut_short() -> None:
+    """The operator wrote restarts+1 and was killed before it deleted the failed pod: the
+    next pass only deletes it."""
+    job, _ = step(make_job(), Observed())
+    support = all_support(job)
+    pods = running_pods(job)
+    failed = pod(builders.client_pod(job, 0), "Failed")
+    failed["metadata"]["uid"] = "uid-of-the-failed-pod"
+    pods[1] = failed
+    job, d = step(job, Observed(pods=pods, support=support))
+    assert d.status.restarts == 1 and d.status.restarted_pod_uids == ["uid-of-the-failed-pod"]
+    # Killed after the status was written: the same failed pod is still there.
+    _, again = step(job, Observed(pods=pods, support=support))
+    assert deletes(again) == ["j-client-0"]
+    assert again.status.restarts == 1 and again.restarted_roles == []
+    assert "PodFailed" not in reasons(again)

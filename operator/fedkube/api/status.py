@@ -83,6 +83,10 @@ class JobMetrics(ApiModel):
     """Accuracy of the global model after the latest round."""
 
 
+#: Failed pods remembered as counted (a pass replaces at most a few at once).
+RESTARTED_PODS_KEPT = 64
+
+
 class FederatedJobStatus(ApiModel):
     """What the operator observed of the job, and why."""
 
@@ -115,6 +119,10 @@ class FederatedJobStatus(ApiModel):
 
     restarts: int = Field(default=0, ge=0)
     """Pods recreated after a failure, counted against ``runPolicy.backoffLimit``."""
+
+    restarted_pod_uids: list[str] = Field(default_factory=list, max_length=RESTARTED_PODS_KEPT)
+    """The uids of the latest failed pods counted in ``restarts``: an operator restarted in
+    the middle of replacing one does not count it twice."""
 
     message: str = Field(default="", max_length=32768)
     """A one-line summary of the job's state."""

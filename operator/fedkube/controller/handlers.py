@@ -198,6 +198,10 @@ class Controller:
         support = [m for m in creates if m["kind"] != "Pod"]
         results = await asyncio.gather(*(create(m) for m in support), return_exceptions=True)
         await asyncio.gather(*(create(m) for m in creates if m["kind"] == "Pod"))
+        # The status before anything is deleted: a pass cut short after it (the operator
+        # killed) is redone by the next without counting a restart twice, and one cut short
+        # before it has deleted nothing yet.
+        await self.write_status(kube, body, job, decision)
         for action in decision.actions:
             if isinstance(action, Update):
                 await kube.merge_patch(action.kind, job.namespace, action.name, action.patch)
@@ -209,7 +213,6 @@ class Controller:
                 (logger.warning if action.type == "Warning" else logger.info)(
                     "%s/%s: %s: %s", job.namespace, job.name, action.reason, action.message)
         self.record_metrics(job, decision)
-        await self.write_status(kube, body, job, decision)
         if any(isinstance(a, DeleteJob) for a in decision.actions):
             await kube.delete(KIND, job.namespace, job.name)
             self.forget(job.namespace, job.name)

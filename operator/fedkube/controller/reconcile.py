@@ -19,7 +19,13 @@ from typing import Any, Literal
 from fedkube.api import FederatedJob
 from fedkube.api.constants import GROUP, LABEL_ROLE, LABEL_SITE, ROLE_CLIENT
 from fedkube.api.runtime import EXIT_INVALID_CONFIGURATION, AggregatorReport, last_line
-from fedkube.api.status import Condition, ConditionType, FederatedJobStatus, Phase
+from fedkube.api.status import (
+    RESTARTED_PODS_KEPT,
+    Condition,
+    ConditionType,
+    FederatedJobStatus,
+    Phase,
+)
 from fedkube.controller import builders, credentials
 from fedkube.controller.builders import Manifest
 
@@ -361,6 +367,10 @@ class _Reconciler:
         for name, pod in sorted(self.pods.items()):
             if pod_phase(pod) != "Failed":
                 continue
+            uid = pod["metadata"].get("uid", "")
+            if uid and uid in self.status.restarted_pod_uids:
+                self.delete_pod(name)  # counted by a pass cut short before it deleted it
+                continue
             role = pod["metadata"].get("labels", {}).get(LABEL_ROLE, ROLE_CLIENT)
             reason, exit_code, detail = failure_of(pod)
             why = _describe_failure(reason, exit_code, detail)
@@ -374,7 +384,10 @@ class _Reconciler:
                             f"{role} pod {name} failed ({why}) after {self.status.restarts} "
                             f"restarts, the runPolicy.backoffLimit of {limit}")
                 return True
-            self.update(restarts=self.status.restarts + 1)
+            counted = [*self.status.restarted_pod_uids, uid] if uid else \
+                self.status.restarted_pod_uids
+            self.update(restarts=self.status.restarts + 1,
+                        restarted_pod_uids=counted[-RESTARTED_PODS_KEPT:])
             self.decision.restarted_roles.append(role)
             self.delete_pod(name)
             message = (f"{role} pod {name} failed ({why}); recreating it "
