@@ -251,6 +251,9 @@ async def test_job_deleted_children_go(env: Any) -> None:
         uid = (await cluster.job("gone"))["metadata"]["uid"]
         await cluster.delete_job("gone")
         await wait_until(lambda: _absent(cluster, "gone"), what="job deleted")
+        # A pass that read the job before it went could still be creating what it missed;
+        # the garbage collector would remove that too, but this test checks the passes after.
+        await wait_until(lambda: _idle(controller), what="the passes in flight to end")
         seen = passes(metrics)
         assert await cluster.collect_garbage(uid) >= 8  # every child has the owner reference
         # The children's deletion events trigger passes; none may recreate anything.
