@@ -37,6 +37,8 @@ from fedkube.api.runtime import RuntimeConfig  # noqa: E402
 from fedkube.federation import protocol, transport  # noqa: E402
 from fedkube.federation.proto import fedkube_pb2 as pb  # noqa: E402
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc  # noqa: E402
+from fedkube.federation.security import TlsFiles, channel_credentials  # noqa: E402
+from fedkube.local import client_tls_dir  # noqa: E402
 from fedkube.tasks.base import EvalResult, TrainResult  # noqa: E402
 
 ROUNDS = 3
@@ -68,14 +70,16 @@ task = WideTask()
 def drive_client(config: Path, index: int) -> None:
     """Join, then pull and push back until the aggregator says the job is finished."""
     runtime = RuntimeConfig.from_file(config)
-    token = Path(runtime.token_file or "").read_text()
     chunk = runtime.spec.transport.chunk_bytes
-    with grpc.insecure_channel(runtime.aggregator_address,
-                               options=[*protocol.channel_options(chunk),
-                                        ("grpc.use_local_subchannel_pool", 1)]) as channel:
+    # Over mutual TLS with the job's client certificate, as every client connects.
+    credentials = channel_credentials(TlsFiles.read(client_tls_dir(config.parent / "tls",
+                                                                   None)))
+    with grpc.secure_channel(runtime.aggregator_address, credentials,
+                             options=[*protocol.channel_options(chunk),
+                                      ("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.FederationStub(channel)
-        reply = stub.Join(pb.JoinRequest(token=token, index=index), wait_for_ready=True)
-        metadata = protocol.auth_metadata(token, reply.client_id)
+        reply = stub.Join(pb.JoinRequest(index=index), wait_for_ready=True)
+        metadata = ((protocol.CLIENT_ID_KEY, reply.client_id),)
         while True:
             stream = stub.PullTask(pb.PullTaskRequest(wait_seconds=5), metadata=metadata)
             header = next(stream).header

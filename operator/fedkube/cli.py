@@ -158,7 +158,7 @@ def run(job_file: Path, rounds: int | None, clients: int | None, output: Path | 
 def render(files: tuple[Path, ...]) -> None:
     """Print the objects the operator would create for each FederatedJob, as a YAML stream.
 
-    The Secret's token is a placeholder here; the operator draws a random one.
+    Keys and certificates are placeholders here; the operator issues real ones.
     """
     from fedkube.controller.render import render_files
 

@@ -1,6 +1,6 @@
 """Glue between the generated gRPC code and :mod:`fedkube.federation.transport`.
 
-Both ends use these helpers so that the metadata keys, message limits and tensor manifests
+Both ends use these helpers so that the metadata key, message limits and tensor manifests
 are spelled once.
 """
 
@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from fedkube.federation import transport
 from fedkube.federation.proto import fedkube_pb2 as pb
 
-TOKEN_KEY = "authorization"
 CLIENT_ID_KEY = "fedkube-client-id"
 
 #: Room for the header (manifest, metrics) on top of a data chunk.
@@ -33,14 +32,6 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
         # a multi-megabyte receive buffer, and aggregator memory would grow with clients.
         ("grpc.http2.bdp_probe", 0),
     ]
-
-
-def auth_metadata(token: str | None, client_id: str = "") -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the job credential and the client id."""
-    metadata = [(CLIENT_ID_KEY, client_id)] if client_id else []
-    if token:
-        metadata.append((TOKEN_KEY, f"Bearer {token}"))
-    return tuple(metadata)
 
 
 def to_specs(metas: Iterable[transport.TensorMeta]) -> list[pb.TensorSpec]:
