@@ -234,7 +234,8 @@ def _job_table(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def declare_resources(emulator: kmock.KubernetesEmulator, peering: bool = False) -> None:
-    """The built-in kinds, fedkube's CRD and the PodGroup CRD; kopf's peering CRDs when
+    """The built-in kinds, fedkube's CRD, the PodGroup and cert-manager Certificate CRDs;
+    kopf's peering CRDs when
     ``peering`` (as the chart installs them)."""
     emulator.resources.load_bundled()
     # Pitfall 3: kubectl picks metrics.k8s.io's pods for `kubectl get pods`.
@@ -246,6 +247,8 @@ def declare_resources(emulator: kmock.KubernetesEmulator, peering: bool = False)
         shortnames={"fedjob", "fj"}, singular="federatedjob")
     emulator.resources["scheduling.x-k8s.io/v1alpha1/podgroups"] = ResourceInfo(
         kind="PodGroup", namespaced=True, verbs=verbs)
+    emulator.resources["cert-manager.io/v1/certificates"] = ResourceInfo(
+        kind="Certificate", namespaced=True, verbs=verbs, singular="certificate")
     if peering:
         emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = ResourceInfo(
             kind="ClusterKopfPeering", namespaced=False, verbs=verbs)
@@ -443,6 +446,10 @@ class Cluster:
             items = [o for o in items
                      if (o["metadata"].get("labels") or {}).get(LABEL_JOB) == job]
         return items
+
+    async def create(self, plural: str, body: dict[str, Any], group: str = "/api/v1") -> None:
+        """Create an object as another controller would (e.g. cert-manager's Secret)."""
+        await self._call("POST", f"{group}/namespaces/{self.namespace}/{plural}", json=body)
 
     async def pods(self, job: str) -> dict[str, dict[str, Any]]:
         return {p["metadata"]["name"]: p for p in await self.list("pods", job)}

@@ -423,3 +423,49 @@ async def test_an_expired_watch_is_listed_again_and_nothing_is_missed(env: Any) 
         await wait_until(lambda: _len_at_least(cluster.pods("after-gone"), 4),
                          what="the job's pods after the watches expired")
     assert [fault.times for fault in gone] == [0, 0]
+
+
+
+async def test_cert_manager_issues_the_certificates_and_a_site_leaving_loses_its_own(
+        env: Any) -> None:
+    """Mode CertManager: the operator asks cert-manager (Certificate resources) instead of
+    issuing Secrets; each pod mounts the Secret its Certificate names; a site removed from
+    the job loses its Certificate and the Secret cert-manager wrote for it."""
+    emulator, cluster, status, metrics, url = env
+    issuer = {"name": "fedkube-ca", "kind": "ClusterIssuer"}
+    sites = [{"name": name, "data": {"volume": {"hostPath": {"path": f"/srv/{name}"}}}}
+             for name in ("north", "south")]
+    spec = {**SPEC, "sites": sites, "strategy": {"minClients": 2},
+            "security": {"tls": {"mode": "CertManager", "issuerRef": issuer}}}
+    certificates_api = "/apis/cert-manager.io/v1"
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("cm", spec)
+        pods = await wait_until(lambda: _len_at_least(cluster.pods("cm"), 3), what="pods")
+        certificates = {c["metadata"]["name"]: c for c in await cluster.list(
+            "certificates", "cm", group=certificates_api)}
+        assert set(certificates) == {"cm-aggregator-tls", "cm-site-north-tls",
+                                     "cm-site-south-tls"}
+        assert all(c["spec"]["issuerRef"] == {**issuer, "group": "cert-manager.io"}
+                   for c in certificates.values())
+        assert await cluster.list("secrets", "cm") == []  # cert-manager writes them
+        for name, pod in pods.items():
+            (mounted,) = [v["secret"]["secretName"] for v in pod["spec"]["volumes"]
+                          if "secret" in v]
+            assert mounted in certificates, name
+        # cert-manager fills south's Secret (labelled by the Certificate's secretTemplate).
+        south = certificates["cm-site-south-tls"]["spec"]
+        await cluster.create("secrets", {
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": south["secretName"], "labels": south["secretTemplate"]["labels"]},
+            "stringData": {"tls.crt": "-", "tls.key": "-", "ca.crt": "-"}})
+        await cluster.patch_job("cm", {"spec": {"sites": sites[:1],
+                                                "strategy": {"minClients": 1}}})
+        await wait_until(lambda: _names_are(cluster.list("certificates", "cm",
+                                                         group=certificates_api),
+                                            {"cm-aggregator-tls", "cm-site-north-tls"}),
+                         what="south's Certificate deleted")
+        assert await cluster.list("secrets", "cm") == []
+
+
+async def _names_are(objects: Any, names: set[str]) -> bool:
+    return {o["metadata"]["name"] for o in await objects} == names
