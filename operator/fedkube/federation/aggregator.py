@@ -302,6 +302,7 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
         client_id = self._authenticate(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "header":
+            self.metrics.updates["rejected"].inc()
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an update starts with its header")
         header = first.header
         with self._fold_lock:
@@ -373,6 +374,9 @@ class Aggregator(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped g
     def _receive_and_fold(self, state: RoundState, header: pb.UpdateHeader,
                           chunks: Iterator[pb.UpdateChunk]) -> str | None:
         """Receive one update into the shared buffer and fold it; the reason if rejected."""
+        unusable = [name for name, value in header.metrics.items() if not math.isfinite(value)]
+        if unusable:
+            return f"training metrics must be finite: {', '.join(sorted(unusable)[:5])}"
         metas = protocol.from_specs(header.tensors)
         if metas != state.metas:
             expected = {m.name: m for m in state.metas}
