@@ -42,11 +42,23 @@ def test_two_hundred_rounds_with_churn_stay_flat(tmp_path: Path) -> None:
         process = psutil.Process(aggregator.pid)
         seen, last = 0, time.monotonic()
         while seen < ROUNDS:
-            current = wait_for(lambda s=seen: (r := status(config)["round"]) > s and r,
-                               120, f"round {seen + 1}")
+            def progressed(since: int = seen) -> int | None:
+                """The round reached past ``since``; -1 once the job finished and the
+                aggregator exited (its last rounds may pass between two looks)."""
+                if aggregator.poll() is not None:
+                    return -1
+                reached = int(status(config)["round"])
+                return reached if reached > since else None
+
+            current = wait_for(progressed, 120, f"round {seen + 1}")
+            if current == -1:
+                break
             now = time.monotonic()
-            samples.append((current, process.memory_info().rss, process.num_fds(),
-                            process.num_threads(), (now - last) / (current - seen)))
+            try:
+                samples.append((current, process.memory_info().rss, process.num_fds(),
+                                process.num_threads(), (now - last) / (current - seen)))
+            except psutil.NoSuchProcess:
+                break  # finished between the look at its round and the sample
             seen, last = current, now
             if seen < ROUNDS - 5 and rng.random() < 0.15:  # churn: one client dies, returns
                 index = rng.randrange(CLIENTS)
