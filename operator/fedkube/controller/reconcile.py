@@ -108,16 +108,18 @@ class Decision:
 
 def spec_hash(job: FederatedJob) -> str:
     """Hash of the spec fields a started job cannot take on (see :data:`IMMUTABLE_FIELDS`)."""
-    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS),
-                                 exclude={"strategy": set(MUTABLE_STRATEGY_FIELDS)})
-    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS),
+                                       exclude={"strategy": set(MUTABLE_STRATEGY_FIELDS)}))
 
 
 def _spec_hash_with_min_clients(job: FederatedJob) -> str:
     """The hash as operators before minClients became mutable wrote it, so that the jobs they
     started are not taken for changed ones after an upgrade (the next pass writes the new
     hash)."""
-    dumped = job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS))
+    return _digest(job.spec.model_dump(mode="json", include=set(IMMUTABLE_FIELDS)))
+
+
+def _digest(dumped: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
