@@ -12,6 +12,7 @@ Pure functions, no gRPC: the aggregator and the client wrap them in protobuf mes
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 TRANSFER_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
+
+
+# Received chunks are immutable ``bytes``; the tensors viewing them are only ever read.
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
 
 
 class TransportError(ValueError):
@@ -139,6 +145,96 @@ def allocate(metas: Iterable[TensorMeta]) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive elements of one tensor of the manifest, as they arrived."""
+
+    index: int
+    """The tensor's position in the manifest."""
+    start: int
+    """The first element's position in the flattened tensor."""
+    values: torch.Tensor
+    """1-D, in the manifest's dtype: a view of the received bytes, not a copy."""
+
+
+class StreamReader:
+    """Cuts the byte stream of a manifest into :class:`Piece` s as the chunks arrive.
+
+    Chunk boundaries fall anywhere, even inside an element: the few bytes of an element cut
+    in two are the only ones copied; every other piece is a view of the chunk it came in
+    (``torch.frombuffer``), so a receiver can fold a chunk where it lands, without first
+    assembling the whole state dict. The views keep their chunk alive and must be treated
+    as read-only.
+    """
+
+    def __init__(self, metas: list[TensorMeta]) -> None:
+        _require_little_endian()
+        if len({m.name for m in metas}) != len(metas):
+            raise TransportError("a tensor appears twice in the manifest")
+        self._metas = metas
+        self._dtypes = [m.torch_dtype for m in metas]
+        self._sizes = [m.nbytes for m in metas]
+        self.expected = sum(self._sizes)
+        """Bytes the whole stream holds."""
+        self.received = 0
+        self._index = 0
+        self._offset = 0
+        """Bytes of tensor ``_index`` received so far."""
+        self._carry = bytearray()
+        """The start of an element cut by a chunk boundary."""
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self._index < len(self._sizes) and self._sizes[self._index] == 0:
+            self._index += 1
+
+    def feed(self, chunk: bytes) -> list[Piece]:
+        """The pieces ``chunk`` completes; :class:`TransportError` past the stream's end."""
+        self.received += len(chunk)
+        if self.received > self.expected:
+            raise TransportError(f"received more than the {self.expected} bytes the manifest "
+                                 "lists")
+        pieces: list[Piece] = []
+        position = 0
+        while position < len(chunk):
+            dtype = self._dtypes[self._index]
+            itemsize = dtype.itemsize
+            if self._carry:
+                take = min(itemsize - len(self._carry), len(chunk) - position)
+                self._carry += chunk[position:position + take]
+                position += take
+                if len(self._carry) < itemsize:
+                    break
+                pieces.append(Piece(self._index, self._offset // itemsize,
+                                    torch.frombuffer(bytearray(self._carry), dtype=dtype)))
+                self._carry.clear()
+                self._advance(itemsize)
+                continue
+            left = self._sizes[self._index] - self._offset
+            whole = min(left, len(chunk) - position) // itemsize
+            if whole:
+                pieces.append(Piece(self._index, self._offset // itemsize, torch.frombuffer(
+                    chunk, dtype=dtype, count=whole, offset=position)))
+                position += whole * itemsize
+                self._advance(whole * itemsize)
+            else:
+                self._carry += chunk[position:]
+                position = len(chunk)
+        return pieces
+
+    def _advance(self, count: int) -> None:
+        self._offset += count
+        if self._offset == self._sizes[self._index]:
+            self._index, self._offset = self._index + 1, 0
+            self._skip_empty()
+
+    def close(self) -> None:
+        """:class:`TransportError` unless the whole stream arrived."""
+        if self.received != self.expected:
+            raise TransportError(f"stream ended after {self.received} of {self.expected} "
+                                 "bytes")
+
+
 def assemble(metas: list[TensorMeta], chunks: Iterable[bytes],
              out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Fill the tensors of a manifest from its byte chunks, whatever their boundaries.
@@ -147,29 +243,17 @@ def assemble(metas: list[TensorMeta], chunks: Iterable[bytes],
     receiver can keep one buffer instead of allocating a model per message. Raises
     :class:`TransportError` when the stream is shorter or longer than the manifest says.
     """
-    _require_little_endian()
     if out is None:
         out = allocate(metas)
     elif [(m.name, m.torch_dtype, m.shape) for m in metas] != [
         (name, t.dtype, tuple(t.shape)) for name, t in out.items()
     ]:
         raise TransportError("the preallocated buffer does not match the manifest")
-    targets = [_raw_bytes(t) for t in out.values() if t.numel() > 0]
-    expected = sum(len(t) for t in targets)
-    index, offset, received = 0, 0, 0
+    targets = [t.view(-1) for t in out.values()]
+    reader = StreamReader(metas)
     for chunk in chunks:
-        source = memoryview(chunk)
-        received += len(source)
-        if received > expected:
-            raise TransportError(f"received more than the {expected} bytes the manifest lists")
-        while len(source):
-            target = targets[index]
-            count = min(len(target) - offset, len(source))
-            target[offset:offset + count] = source[:count]
-            source = source[count:]
-            offset += count
-            if offset == len(target):
-                index, offset = index + 1, 0
-    if received != expected:
-        raise TransportError(f"stream ended after {received} of {expected} bytes")
+        for piece in reader.feed(chunk):
+            count = piece.values.numel()
+            targets[piece.index][piece.start:piece.start + count].copy_(piece.values)
+    reader.close()
     return out

@@ -1,59 +1,160 @@
 """The strategy protocol: a strategy opens one :class:`Round` per federated round.
 
-A round flattens the global model into one float32 vector on the strategy's device, and
-folds each client update in as it arrives: the update is checked, copied into a buffer the
-strategy's *fold* lends (a scratch vector for the mean-based strategies, the next row of a
-preallocated stack for the robust ones), turned into a delta to the global model, clipped,
-and committed. A rejected update leaves the round as it was.
+An update reaches a round as the pieces it arrived in (:class:`ReceivedUpdate`: views of the
+received bytes, or of a state dict's tensors), each checked for NaN and infinities as it
+lands, while it is still in cache. Once the whole update is in and valid, :meth:`Round.accept`
+folds it in one pass: the mean-based strategies add ``weight * piece`` to one float32
+accumulator (12 bytes moved per parameter: read the piece, read and write the sum), the
+robust ones write ``piece - global`` into the next row of a preallocated stack. A rejected
+or incomplete update was never folded, so it leaves no trace. Accumulating models rather
+than deltas keeps the global model out of the per-update pass; ``Σw·x/Σw - global`` is the
+same delta the strategies step with.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from fedkube.api.runtime import ConfigurationError
-from fedkube.federation.strategies.layout import FlatLayout, UpdateRejected
-from fedkube.federation.strategies.privacy import GaussianNoise, clip_
+from fedkube.federation import transport
+from fedkube.federation.strategies.layout import FlatLayout, Span, UpdateRejected
+from fedkube.federation.strategies.privacy import GaussianNoise
+
+
+@dataclass
+class ReceivedUpdate:
+    """One client's update, complete and checked, not yet folded."""
+
+    pieces: list[tuple[Span, int, Tensor]] = field(default_factory=list)
+    """``(tensor, first element, values)`` covering every floating-point value once."""
+    others: dict[str, Tensor] = field(default_factory=dict)
+    """The non-floating tensors (counters and flags), whole."""
+
+
+def _check_finite(values: Tensor) -> None:
+    # NaN and infinities propagate into the sum: one pass without a mask tensor, ~30x faster
+    # than isfinite().all() on CPU. Values near float32's limit (~3e38), garbage in any model,
+    # are rejected besides, and so are float64 values that float32 cannot hold.
+    if not bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        raise UpdateRejected("the update holds NaN or infinite values")
+
+
+class UpdateReader:
+    """Turns one update's byte stream into a :class:`ReceivedUpdate`, a chunk at a time.
+
+    Floating-point pieces stay views of their chunk (no copy); non-floating tensors, a few
+    counters, are copied out. :class:`UpdateRejected` as soon as a chunk proves the update
+    bad (wrong layout, NaN, too many bytes), so a bad update costs no more than its bytes.
+    """
+
+    def __init__(self, layout: FlatLayout, metas: list[transport.TensorMeta]) -> None:
+        spans = {span.key: span for span in layout.spans}
+        expected = list(layout.order)
+        names = [meta.name for meta in metas]
+        if names != expected:
+            missing = sorted(set(expected) - set(names))
+            unexpected = sorted(set(names) - set(expected))
+            raise UpdateRejected(
+                f"missing tensors: {', '.join(missing[:5])}" if missing else
+                f"unexpected tensors: {', '.join(unexpected[:5])}" if unexpected else
+                "tensors are not in the global model's order")
+        self._targets: list[Span | Tensor] = []
+        for meta in metas:
+            shape = torch.Size(meta.shape)
+            span = spans.get(meta.name)
+            floating = meta.torch_dtype.is_floating_point
+            wanted_shape, wanted_floating = (
+                (span.shape, True) if span is not None else (layout.others[meta.name][0], False))
+            if shape != wanted_shape:
+                raise UpdateRejected(f"{meta.name}: shape {tuple(shape)} differs from the "
+                                     f"global {tuple(wanted_shape)}")
+            if floating != wanted_floating:
+                kind = "floating-point" if wanted_floating else "integer or boolean"
+                raise UpdateRejected(f"{meta.name}: dtype {meta.dtype} is not {kind} like the "
+                                     "global's")
+            self._targets.append(span if span is not None
+                                 else torch.empty(shape, dtype=meta.torch_dtype))
+        self._names = names
+        self._stream = transport.StreamReader(metas)
+        self._update = ReceivedUpdate()
+
+    @property
+    def received(self) -> int:
+        return self._stream.received
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            pieces = self._stream.feed(chunk)
+        except transport.TransportError as error:
+            raise UpdateRejected(str(error)) from None
+        for piece in pieces:
+            target = self._targets[piece.index]
+            if isinstance(target, Span):
+                _check_finite(piece.values)
+                self._update.pieces.append((target, piece.start, piece.values))
+            else:
+                count = piece.values.numel()
+                target.view(-1)[piece.start:piece.start + count].copy_(piece.values)
+
+    def finish(self) -> ReceivedUpdate:
+        try:
+            self._stream.close()
+        except transport.TransportError as error:
+            raise UpdateRejected(str(error)) from None
+        self._update.others = {name: target for name, target in zip(
+            self._names, self._targets, strict=True) if isinstance(target, Tensor)}
+        return self._update
 
 
 class Fold(ABC):
-    """Where a round keeps the deltas it accepted (sized once, when the round opens)."""
+    """Where a round keeps the updates it accepted (sized once, when the round opens)."""
 
     @abstractmethod
-    def buffer(self) -> Tensor:
-        """A vector the next update's delta is written into; not yet accepted."""
+    def add(self, update: ReceivedUpdate, weight: float, scale: float,
+            global_flat: Mapping[str, Tensor]) -> None:
+        """Fold ``update`` in with ``weight``, its delta scaled by ``scale`` (clipping);
+        ``UpdateRejected`` before changing anything when there is no room."""
 
     @abstractmethod
-    def commit(self, weight: float) -> None:
-        """Accept the delta last written into :meth:`buffer`."""
-
-    @abstractmethod
-    def finish(self) -> Tensor:
-        """The aggregated delta of the accepted updates."""
+    def finish(self, global_flat: Mapping[str, Tensor], layout: FlatLayout) -> Tensor:
+        """The aggregated delta of the accepted updates, as one flat float32 vector."""
 
 
 class MeanFold(Fold):
-    """Weighted mean of deltas in one accumulator: memory independent of the client count."""
+    """Weighted mean in one accumulator: memory independent of the client count.
+
+    It sums ``c·x`` (``c = weight · scale``) and the weights, so that the mean delta is
+    ``(Σc·x - Σc·global) / Σweight``: the global model is read once per round, not per update.
+    """
 
     def __init__(self, size: int, device: torch.device) -> None:
-        self._scratch = torch.empty(size, dtype=torch.float32, device=device)
         self._sum = torch.zeros(size, dtype=torch.float32, device=device)
         self._weight = 0.0
+        self._coefficient = 0.0
 
-    def buffer(self) -> Tensor:
-        return self._scratch
-
-    def commit(self, weight: float) -> None:
-        self._sum.add_(self._scratch, alpha=weight)
+    def add(self, update: ReceivedUpdate, weight: float, scale: float,
+            global_flat: Mapping[str, Tensor]) -> None:
+        coefficient = weight * scale
+        target = self._sum
+        for span, start, values in update.pieces:
+            offset = span.offset + start
+            target[offset:offset + values.numel()].add_(
+                values.to(target.device, non_blocking=True), alpha=coefficient)
         self._weight += weight
+        self._coefficient += coefficient
 
-    def finish(self) -> Tensor:
-        return self._sum.div_(self._weight)
+    def finish(self, global_flat: Mapping[str, Tensor], layout: FlatLayout) -> Tensor:
+        delta = self._sum.div_(self._weight)
+        share = self._coefficient / self._weight
+        for span in layout.spans:
+            delta[span.offset:span.offset + span.numel].sub_(global_flat[span.key], alpha=share)
+        return delta
 
 
 class StackFold(Fold):
@@ -64,27 +165,35 @@ class StackFold(Fold):
         self._count = 0
         self._combine = combine
 
-    def buffer(self) -> Tensor:
+    def add(self, update: ReceivedUpdate, weight: float, scale: float,
+            global_flat: Mapping[str, Tensor]) -> None:
         if self._count == self._rows.shape[0]:
             raise UpdateRejected(f"the round already holds its {self._count} sampled updates")
-        return self._rows[self._count]
-
-    def commit(self, weight: float) -> None:
+        row = self._rows[self._count]
+        for span, start, values in update.pieces:
+            offset, count = span.offset + start, values.numel()
+            torch.sub(values.to(row.device, non_blocking=True),
+                      global_flat[span.key][start:start + count],
+                      out=row[offset:offset + count])
+        if scale != 1.0:
+            row.mul_(scale)
         self._count += 1
 
-    def finish(self) -> Tensor:
+    def finish(self, global_flat: Mapping[str, Tensor], layout: FlatLayout) -> Tensor:
         combined: Tensor = self._combine(self._rows[: self._count])
         return combined
 
 
 class Round:
-    """One round's aggregation: ``add`` each update as it arrives, then ``result`` once.
+    """One round's aggregation: :meth:`accept` (or :meth:`add`) each update, then
+    :meth:`result` once.
 
     Non-floating tensors (BatchNorm's ``num_batches_tracked`` and the like: counters and
     flags, which no average makes sense of) become the element-wise maximum of the global's
     and the accepted updates' values, so counters keep growing.
 
-    Results live on the strategy's device, in the global state's dtypes and key order.
+    Results live on the strategy's device, in the global state's dtypes and key order. The
+    round keeps a reference to ``global_state``, not a copy: it must not change meanwhile.
     """
 
     def __init__(
@@ -94,42 +203,59 @@ class Round:
             raise ValueError(f"max_updates must be at least 1, got {max_updates}")
         device = strategy.device
         self._strategy = strategy
-        self._layout = FlatLayout.of(global_state)
-        self._global = torch.empty(self._layout.size, dtype=torch.float32, device=device)
-        self._layout.flatten_into(global_state, self._global)
+        self.layout = FlatLayout.of(global_state)
+        self._global = {span.key: global_state[span.key].to(device).reshape(-1)
+                        for span in self.layout.spans}
         self._others = {
-            key: global_state[key].to(device, copy=True) for key in self._layout.others
+            key: global_state[key].to(device, copy=True) for key in self.layout.others
         }
-        self._fold = strategy.new_fold(self._layout.size, max_updates)
+        self._fold = strategy.new_fold(self.layout.size, max_updates)
         self._done = False
         self.count = 0
         """Updates accepted so far."""
 
+    def reader(self, metas: list[transport.TensorMeta]) -> UpdateReader:
+        """A reader for one update's byte stream in the layout ``metas`` describe."""
+        return UpdateReader(self.layout, metas)
+
     def add(self, update_state: Mapping[str, Tensor], num_examples: int) -> None:
         """Fold one client's full model state in, or raise :class:`UpdateRejected`."""
+        self.layout.check(update_state)
+        update = ReceivedUpdate(
+            [(span, 0, update_state[span.key].reshape(-1)) for span in self.layout.spans],
+            {key: update_state[key] for key in self.layout.others})
+        for _, _, values in update.pieces:
+            _check_finite(values)
+        self.accept(update, num_examples)
+
+    def accept(self, update: ReceivedUpdate, num_examples: int) -> None:
+        """Fold a complete, checked update in, or raise :class:`UpdateRejected`."""
         if self._done:
             raise RuntimeError("the round's result was already taken; open a new round")
         if isinstance(num_examples, bool) or not isinstance(num_examples, int):
             raise UpdateRejected(f"num_examples must be an integer, got {num_examples!r}")
         if num_examples < 1:
             raise UpdateRejected(f"num_examples must be at least 1, got {num_examples}")
-        self._layout.check(update_state)
-        delta = self._layout.flatten_into(update_state, self._fold.buffer())
-        # NaN and infinities propagate into the sum: one pass without a mask tensor, ~30x
-        # faster than isfinite().all() on CPU. Only values near float32's limit (~3e38),
-        # garbage in any model, are rejected besides.
-        if not bool(torch.isfinite(delta.sum())):
-            raise UpdateRejected("the update holds NaN or infinite values")
-        delta.sub_(self._global)
         strategy = self._strategy
+        scale = 1.0
         if strategy.clip_norm is not None:
-            clip_(delta, strategy.clip_norm)
+            scale = min(1.0, strategy.clip_norm / (self._delta_norm(update) + 1e-12))
         # The noise bounds one client's influence on the *sum*, so with noise every client
         # counts once; weighting by examples would let a large client exceed the bound.
-        self._fold.commit(1.0 if strategy.noise_multiplier > 0 else float(num_examples))
+        weight = 1.0 if strategy.noise_multiplier > 0 else float(num_examples)
+        self._fold.add(update, weight, scale, self._global)
         for key, value in self._others.items():
-            torch.maximum(value, update_state[key].to(value.device), out=value)
+            torch.maximum(value, update.others[key].to(value.device), out=value)
         self.count += 1
+
+    def _delta_norm(self, update: ReceivedUpdate) -> float:
+        """The L2 norm of the update's delta to the global model (for clipping)."""
+        squares = torch.zeros((), dtype=torch.float64, device=self._strategy.device)
+        for span, start, values in update.pieces:
+            part = values.to(self._strategy.device, torch.float32) - \
+                self._global[span.key][start:start + values.numel()]
+            squares += torch.linalg.vector_norm(part, dtype=torch.float64) ** 2
+        return float(squares.sqrt())
 
     def result(self) -> dict[str, Tensor]:
         """The new global state; the round is spent afterwards."""
@@ -139,12 +265,15 @@ class Round:
             raise RuntimeError("the round's result was already taken; open a new round")
         self._done = True
         strategy = self._strategy
-        delta = self._fold.finish()
+        delta = self._fold.finish(self._global, self.layout)
         if strategy.noise_multiplier > 0:
             assert strategy.clip_norm is not None  # checked when the strategy was built
             strategy.noise.add_(delta, strategy.noise_multiplier * strategy.clip_norm / self.count)
-        new_global = strategy.step(self._global, delta)
-        return self._layout.unflatten(new_global, self._others)
+        global_flat = torch.empty_like(delta)
+        for span in self.layout.spans:
+            global_flat[span.offset:span.offset + span.numel].copy_(self._global[span.key])
+        new_global = strategy.step(global_flat, delta)
+        return self.layout.unflatten(new_global, self._others)
 
 
 class Strategy(ABC):

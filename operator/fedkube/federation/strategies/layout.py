@@ -91,12 +91,6 @@ class FlatLayout:
             kind = "floating-point" if floating else "integer or boolean"
             raise UpdateRejected(f"{key}: dtype {tensor.dtype} is not {kind} like the global's")
 
-    def flatten_into(self, state: Mapping[str, Tensor], out: Tensor) -> Tensor:
-        """Copy the floating tensors of ``state`` into ``out`` (casting, and moving device)."""
-        for span in self.spans:
-            out[span.offset : span.offset + span.numel].copy_(state[span.key].reshape(-1))
-        return out
-
     def unflatten(self, flat: Tensor, others: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A state dict in the global's key order and dtypes, floats taken from ``flat``."""
         floats = {

@@ -15,14 +15,6 @@ import torch
 from torch import Tensor
 
 
-def clip_(delta: Tensor, clip_norm: float) -> Tensor:
-    """Scale ``delta`` in place so that its L2 norm is at most ``clip_norm``."""
-    norm = torch.linalg.vector_norm(delta)
-    # A tensor factor, not a Python branch: no device synchronisation per update.
-    delta.mul_(torch.clamp(clip_norm / (norm + 1e-12), max=1.0))
-    return delta
-
-
 class GaussianNoise:
     """Seeded Gaussian noise on the strategy's device; its state is checkpointed."""
 

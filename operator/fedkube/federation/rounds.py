@@ -1,0 +1,125 @@
+"""A round's moving parts as data: what was sent to whom, who answered, what was recorded.
+
+No gRPC and no event loop: the aggregator fills these in, the tests read them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from fedkube.federation import transport
+from fedkube.federation.strategies import Round
+
+
+def sample_size(connected: int, fraction_fit: float, min_clients: int) -> int:
+    """Clients to sample: ``fractionFit`` of those connected, at least ``minClients``."""
+    return min(connected, max(min_clients, math.ceil(fraction_fit * connected)))
+
+
+def sample(connected: Collection[str], count: int, seed: str) -> set[str]:
+    """``count`` of ``connected``, the same for the same seed and clients (reproducible jobs)."""
+    return set(random.Random(seed).sample(sorted(connected), count))
+
+
+@dataclass
+class Dispatch:
+    """A global model sent to sampled clients, to train or to evaluate, and who answered."""
+
+    number: int
+    """The round (being trained, or whose model is evaluated)."""
+    sampled: set[str]
+    metas: list[transport.TensorMeta]
+    wire: Mapping[str, torch.Tensor]
+    dispatched: set[str] = field(default_factory=set)
+    """Sampled clients the model was sent to."""
+    receiving: set[str] = field(default_factory=set)
+    """Clients whose answer is arriving now."""
+    answered: set[str] = field(default_factory=set)
+    examples: int = 0
+    closed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.answered >= self.sampled
+
+
+@dataclass
+class TrainingRound(Dispatch):
+    """One attempt at one round."""
+
+    aggregation: Round | None = None
+    deadline: float = math.inf
+    """When the round closes (``time.monotonic``) unless every sampled client answered."""
+    accepted: int = 0
+    rejected: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    """Example-weighted sums of the clients' training metrics."""
+
+    def record_accepted(self, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.accepted += 1
+        self.examples += num_examples
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value * num_examples
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    """The sites' evaluation of one global model, example-weighted."""
+
+    loss: float
+    accuracy: float
+    examples: int
+    clients: int
+
+
+@dataclass
+class EvaluationRound(Dispatch):
+    """Federated evaluation of one round's global model by sampled clients."""
+
+    loss_sum: float = 0.0
+    accuracy_sum: float = 0.0
+
+    def record(self, num_examples: int, loss: float, accuracy: float) -> None:
+        self.examples += num_examples
+        self.loss_sum += loss * num_examples
+        self.accuracy_sum += accuracy * num_examples
+
+    def summary(self) -> EvaluationSummary | None:
+        """None without any report."""
+        if self.examples == 0:
+            return None
+        return EvaluationSummary(self.loss_sum / self.examples, self.accuracy_sum / self.examples,
+                                 self.examples, len(self.answered))
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One completed round, as ``history.json``, ``/history`` and checkpoints hold it."""
+
+    round: int
+    loss: float | None
+    """The job's loss: central evaluation, or the sites' when there is no central test set."""
+    accuracy: float | None
+    clients: int
+    """Updates accepted."""
+    rejected: int
+    sampled: int
+    duration_seconds: float
+    client_metrics: dict[str, float]
+    """The clients' training metrics, example-weighted."""
+    federated_evaluation: EvaluationSummary | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        evaluation = data.get("federated_evaluation")
+        return cls(**{**data, "federated_evaluation": None if evaluation is None
+                      else EvaluationSummary(**evaluation)})

@@ -1,0 +1,146 @@
+"""The gRPC face of the aggregator (``grpc.aio``): authenticates calls, counts refusals and
+turns messages into calls on :class:`~fedkube.federation.aggregator.Aggregator`.
+
+Every handler is a coroutine on the aggregator's event loop: a long-polling client costs a
+suspended coroutine, not a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from fedkube import pki
+from fedkube.federation import protocol, security, transport
+from fedkube.federation.proto import fedkube_pb2 as pb
+from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.registry import Session
+from fedkube.federation.rounds import EvaluationRound
+
+if TYPE_CHECKING:
+    from fedkube.federation.aggregator import Aggregator
+
+log = logging.getLogger("fedkube.aggregator")
+
+#: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
+#: otherwise grow with the number of sampled clients.
+MAX_CONCURRENT_SENDS = 4
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                 details: str) -> NoReturn:
+    """End the call with ``code``: grpc's abort raises, which its types do not say."""
+    await context.abort(code, details)
+    raise AssertionError("unreachable: grpc's abort raises")
+
+
+async def _data_chunks(messages: AsyncIterator[pb.UpdateChunk]) -> AsyncIterator[bytes]:
+    """The data payloads that follow a header; a second header is a protocol error."""
+    async for message in messages:
+        if message.WhichOneof("kind") != "data":
+            raise transport.TransportError("expected a data chunk, got another header")
+        yield message.data
+
+
+class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped base
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.metrics = aggregator.metrics
+        self._send_slots = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext,
+                      refused: security.Refused) -> NoReturn:
+        self.metrics.refusals[refused.reason].inc()
+        log.warning("refused a call from %s (%s): %s", context.peer(), refused.reason, refused)
+        await _abort(context, refused.code, str(refused))
+
+    async def _identify(self, context: grpc.aio.ServicerContext) -> pki.Identity | None:
+        """The caller's identity from its verified certificate (refused if it has none here)."""
+        admission = self.aggregator.admission
+        if admission.new_session(context.peer()):
+            self.metrics.tls_sessions.inc()
+        try:
+            return admission.identify(context.auth_context())
+        except security.Refused as refused:
+            await self._refuse(context, refused)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Session:
+        """The caller's session, which must belong to the certificate that joined with it."""
+        identity = await self._identify(context)
+        client_id = str(dict(context.invocation_metadata() or ()).get(
+            protocol.CLIENT_ID_KEY, ""))
+        registry = self.aggregator.registry
+        session = registry.get(client_id)
+        if session is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"unknown client id {client_id!r}: join again")
+        if session.identity != identity:
+            await self._refuse(context, security.Refused(
+                "wrong_session", grpc.StatusCode.PERMISSION_DENIED,
+                f"client id {client_id} belongs to another site"))
+        registry.touch(session)
+        return session
+
+    async def Join(self, request: pb.JoinRequest,
+                   context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        identity = await self._identify(context)
+        try:
+            index = self.aggregator.admission.index_for(identity, request.index,
+                                                        request.site_replica)
+        except security.Refused as refused:
+            await self._refuse(context, refused)
+        session = self.aggregator.join(index, identity)
+        return pb.JoinReply(client_id=session.client_id, index=index,
+                            spec_json=self.aggregator.spec.model_dump_json(by_alias=True))
+
+    async def PullTask(self, request: pb.PullTaskRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskChunk]:
+        session = await self._authenticate(context)
+        aggregator = self.aggregator
+        state = await aggregator.next_assignment(session.client_id, request.wait_seconds)
+        if state is None:
+            action = pb.TaskHeader.FINISHED if aggregator.finished else pb.TaskHeader.WAIT
+            yield pb.TaskChunk(header=pb.TaskHeader(action=action))
+            return
+        if isinstance(state, EvaluationRound):
+            header = pb.TaskHeader(action=pb.TaskHeader.EVALUATE, round=state.number,
+                                   tensors=protocol.to_specs(state.metas))
+        else:
+            header = pb.TaskHeader(action=pb.TaskHeader.TRAIN, round=state.number,
+                                   proximal_mu=aggregator.strategy.proximal_mu,
+                                   tensors=protocol.to_specs(state.metas))
+        yield pb.TaskChunk(header=header)
+        async with self._send_slots:
+            for data in transport.iter_chunks(state.wire, aggregator.spec.transport.chunk_bytes):
+                self.metrics.model_bytes.inc(len(data))
+                yield pb.TaskChunk(data=data)
+
+    async def PushUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk],
+                         context: grpc.aio.ServicerContext) -> pb.PushUpdateReply:
+        session = await self._authenticate(context)
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            self.metrics.updates["rejected"].inc()
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "an update starts with its header")
+        status, reason = await self.aggregator.receive_update(
+            session.client_id, first.header, _data_chunks(request_iterator))
+        return pb.PushUpdateReply(status=status, reason=reason)
+
+    async def PushEvaluation(self, request: pb.EvaluationReport,
+                             context: grpc.aio.ServicerContext) -> pb.PushEvaluationReply:
+        session = await self._authenticate(context)
+        valid = (request.num_examples >= 0 and math.isfinite(request.loss)
+                 and math.isfinite(request.accuracy) and 0.0 <= request.accuracy <= 1.0)
+        if not valid:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "an evaluation has a finite loss, an accuracy in [0, 1] and an example "
+                         "count of at least 0")
+        accepted = self.aggregator.take_evaluation(session.client_id, request)
+        return pb.PushEvaluationReply(status=pb.PushEvaluationReply.ACCEPTED if accepted
+                                      else pb.PushEvaluationReply.LATE)
