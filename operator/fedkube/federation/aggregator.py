@@ -42,7 +42,6 @@ from fedkube.api.runtime import (
 from fedkube.federation import checkpoint, protocol, security, transport
 from fedkube.federation.metrics import AggregatorMetrics
 from fedkube.federation.proto import fedkube_pb2 as pb
-from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.federation.registry import Registry, Session
 from fedkube.federation.rounds import (
     Dispatch,
@@ -53,7 +52,7 @@ from fedkube.federation.rounds import (
     sample,
     sample_size,
 )
-from fedkube.federation.servicer import FederationServicer
+from fedkube.federation.servicer import FederationServicer, add_to_server
 from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
 from fedkube.tasks.base import Validator, load_task
 
@@ -238,6 +237,12 @@ class Aggregator:
             return None
         return assigned[0] if assigned else None
 
+    def delivered(self, state: Dispatch, client_id: str) -> None:
+        """``client_id`` has received the whole model of ``state``."""
+        state.delivered.add(client_id)
+        if state.delivered >= state.sampled:
+            state.messages = None
+
     def _unwanted(self, state: Dispatch | None, client_id: str, number: int,
                   late: Mapping[str, Any] | None = None) -> str | None:
         """Why a client's answer for round ``number`` is not taken, counted; None if it is.
@@ -257,7 +262,7 @@ class Aggregator:
         return "the round is over"
 
     async def receive_update(self, client_id: str, header: pb.UpdateHeader,
-                             chunks: AsyncIterator[bytes],
+                             chunks: AsyncIterator[bytes | memoryview],
                              ) -> tuple[pb.PushUpdateReply.Status, str]:
         """Receive and fold one client's update; the reply's status and reason."""
         state = self.current
@@ -288,7 +293,7 @@ class Aggregator:
         return pb.PushUpdateReply.ACCEPTED, ""
 
     async def _receive_and_fold(self, state: TrainingRound, header: pb.UpdateHeader,
-                                chunks: AsyncIterator[bytes]) -> str | None:
+                                chunks: AsyncIterator[bytes | memoryview]) -> str | None:
         """Read one update and fold it; the reason if rejected. :class:`_RoundClosed` when
         the round ends first."""
         unusable = [name for name, value in header.metrics.items() if not math.isfinite(value)]
@@ -326,7 +331,8 @@ class Aggregator:
         return None
 
     @staticmethod
-    async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes]) -> bytes | None:
+    async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes | memoryview],
+                          ) -> bytes | memoryview | None:
         """The next chunk; None at the stream's end. A stalled stream raises TimeoutError
         after :data:`UPLOAD_IDLE_SECONDS`, and :class:`_RoundClosed` when the round ends."""
         if state.closed:
@@ -382,11 +388,18 @@ class Aggregator:
         count = sample_size(len(connected), strategy_spec.fraction_fit, strategy_spec.min_clients)
         sampled = sample(connected, count,
                          f"{self.spec.clients.data.partitioning.seed}/{number}/{attempt}")
-        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
+        metas, messages = await asyncio.to_thread(self._serialize_model)
         aggregation = await asyncio.to_thread(self.strategy.new_round, self.global_state,
                                               count)
-        return TrainingRound(number, sampled, transport.manifest(wire), wire,
-                             aggregation=aggregation)
+        return TrainingRound(number, sampled, metas, messages, aggregation=aggregation)
+
+    def _serialize_model(self) -> tuple[list[transport.TensorMeta], list[bytes]]:
+        """The global model's manifest and its data chunks as messages, once for every
+        client (in a worker thread)."""
+        wire = transport.encode(self.global_state, self.wire_dtype)
+        return transport.manifest(wire), [
+            protocol.data_message(view)
+            for view in transport.chunk_views(wire, self.spec.transport.chunk_bytes)]
 
     async def _run_round(self, number: int, attempt: int, first: bool) -> TrainingRound:
         strategy_spec = self.spec.strategy
@@ -437,11 +450,11 @@ class Aggregator:
         if not connected:
             return None
         count = min(len(connected), max(1, math.ceil(evaluation.fraction * len(connected))))
-        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
+        metas, messages = await asyncio.to_thread(self._serialize_model)
         state = EvaluationRound(
             number, sample(connected, count,
                            f"{self.spec.clients.data.partitioning.seed}/evaluate/{number}"),
-            transport.manifest(wire), wire)
+            metas, messages)
         deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
         self.evaluating = state
         self.message = f"round {number}: evaluating on {count} clients"
@@ -633,7 +646,7 @@ async def _serve(config: RuntimeConfig, config_path: Path | None) -> int:
     aggregator = Aggregator(config)
     spec = config.spec
     server = grpc.aio.server(options=protocol.channel_options(spec.transport.chunk_bytes))
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(aggregator), server)
+    add_to_server(FederationServicer(aggregator), server)
     address = f"{config.bind_address}:{spec.aggregator.port}"
     if config.tls_folder is None:
         log.warning("plaintext gRPC and no client identities (spec.security.tls.mode "

@@ -1,12 +1,19 @@
 """Glue between the generated gRPC code and :mod:`fedkube.federation.transport`.
 
 Both ends use these helpers so that the metadata key, message limits and tensor manifests
-are spelled once.
+are spelled once. The aggregator also encodes and decodes data chunks itself
+(:func:`data_message`, :func:`decode_chunk`): a ``TaskChunk`` or ``UpdateChunk`` carrying
+``data`` is the field's tag, its length and the bytes, so the model a round sends is
+serialized once for all clients, and a received chunk's tensor data is a view of the bytes
+gRPC handed over rather than two further copies through protobuf objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from fedkube.federation import transport
 from fedkube.federation.proto import fedkube_pb2 as pb
@@ -49,3 +56,68 @@ def data_chunks(messages: Iterator[pb.TaskChunk] | Iterator[pb.UpdateChunk],
         if message.WhichOneof("kind") != "data":
             raise transport.TransportError("expected a data chunk, got another header")
         yield message.data
+
+
+#: ``data`` is field 2 of both ``TaskChunk`` and ``UpdateChunk``; ``header`` is field 1.
+_DATA_FIELD, _HEADER_FIELD = 2, 1
+_LENGTH_DELIMITED = 2
+
+M = TypeVar("M", bound=Message)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def data_message(data: bytes | memoryview) -> bytes:
+    """A serialized ``TaskChunk``/``UpdateChunk`` holding ``data``: what
+    ``TaskChunk(data=data).SerializeToString()`` gives, with one copy."""
+    return b"".join((_varint(_DATA_FIELD << 3 | _LENGTH_DELIMITED), _varint(len(data)), data))
+
+
+def _read_varint(raw: memoryview, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if position >= len(raw) or shift > 63:
+            raise DecodeError("truncated or overlong varint")
+        byte = raw[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if not byte & 0x80:
+            return value, position
+
+
+def decode_chunk(raw: bytes, header_type: type[M]) -> M | memoryview:
+    """A serialized ``TaskChunk``/``UpdateChunk``: its header (a ``header_type``), or its data
+    as a view of ``raw``. Protobuf's rules hold: unknown fields are skipped and the last of the
+    oneof's fields wins. :class:`DecodeError` for malformed bytes or a chunk with neither."""
+    view = memoryview(raw)
+    position, found = 0, None
+    while position < len(view):
+        key, position = _read_varint(view, position)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            _, position = _read_varint(view, position)
+        elif kind == 1 or kind == 5:
+            position += 8 if kind == 1 else 4
+        elif kind == _LENGTH_DELIMITED:
+            length, position = _read_varint(view, position)
+            if position + length > len(view):
+                raise DecodeError("a field runs past the end of the message")
+            if number == _DATA_FIELD:
+                found = view[position:position + length]
+            elif number == _HEADER_FIELD:
+                found = header_type.FromString(view[position:position + length])
+            position += length
+        else:
+            raise DecodeError(f"unsupported wire type {kind}")
+        if position > len(view):
+            raise DecodeError("a field runs past the end of the message")
+    if found is None:
+        raise DecodeError("the chunk holds neither a header nor data")
+    return found

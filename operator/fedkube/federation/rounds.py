@@ -11,8 +11,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from fedkube.federation import transport
 from fedkube.federation.strategies import Round
 
@@ -35,9 +33,13 @@ class Dispatch:
     """The round (being trained, or whose model is evaluated)."""
     sampled: set[str]
     metas: list[transport.TensorMeta]
-    wire: Mapping[str, torch.Tensor]
+    messages: list[bytes] | None
+    """The model as serialized data chunks, shared by every client's stream; dropped once
+    every sampled client has it."""
     dispatched: set[str] = field(default_factory=set)
-    """Sampled clients the model was sent to."""
+    """Sampled clients the model is being sent to."""
+    delivered: set[str] = field(default_factory=set)
+    """Sampled clients the whole model was sent to."""
     receiving: set[str] = field(default_factory=set)
     """Clients whose answer is arriving now."""
     answered: set[str] = field(default_factory=set)

@@ -3,6 +3,7 @@ and the exit code of a configuration that cannot work."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -41,8 +42,23 @@ def _run(role: str, main: Callable[[], int]) -> int:
         return EXIT_INVALID_CONFIGURATION
 
 
+def _one_malloc_arena() -> None:
+    """Keep glibc's allocator to one arena. gRPC's threads allocate message buffers in arenas
+    of their own, and chunks freed by the event loop then fragment them: the aggregator's peak
+    RSS varied by a quarter from run to run with the interleaving of uploads (one arena is
+    also faster here). A no-op on other C libraries."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_arena_max = -8  # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 1)
+
+
 def run_aggregator(config_path: Path) -> int:
     from fedkube.federation.aggregator import serve
+
+    _one_malloc_arena()
 
     return _run("aggregator", lambda: serve(RuntimeConfig.from_file(config_path), config_path))
 

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedkube import pki
 from fedkube.federation import protocol, security, transport
@@ -27,9 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedkube.aggregator")
 
-#: Models streamed to clients at once: every stream buffers chunks in gRPC, so memory would
-#: otherwise grow with the number of sampled clients.
-MAX_CONCURRENT_SENDS = 4
+#: Models streamed to clients at once. The streams share the round's serialized model, but
+#: each holds a chunk or so in gRPC's buffers: memory would grow with the sampled clients.
+MAX_CONCURRENT_SENDS = 8
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
@@ -39,12 +40,53 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
     raise AssertionError("unreachable: grpc's abort raises")
 
 
-async def _data_chunks(messages: AsyncIterator[pb.UpdateChunk]) -> AsyncIterator[bytes]:
+_Chunk: TypeAlias = "pb.UpdateHeader | memoryview | DecodeError"
+
+
+def _decode_update_chunk(raw: bytes) -> _Chunk:
+    """An ``UpdateChunk`` as gRPC received it: its data a view of ``raw``, no copy. A malformed
+    message comes back as its error so that the handler can reject the update with it."""
+    try:
+        chunk: pb.UpdateHeader | memoryview = protocol.decode_chunk(raw, pb.UpdateHeader)
+    except DecodeError as error:
+        return error
+    return chunk
+
+
+def _serialize_task_chunk(message: pb.TaskChunk | bytes) -> bytes:
+    """Data chunks come serialized already (:func:`protocol.data_message`), headers do not."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+async def _data_chunks(messages: AsyncIterator[_Chunk]) -> AsyncIterator[memoryview]:
     """The data payloads that follow a header; a second header is a protocol error."""
     async for message in messages:
-        if message.WhichOneof("kind") != "data":
+        if isinstance(message, DecodeError):
+            raise transport.TransportError(f"a malformed chunk: {message}")
+        if not isinstance(message, memoryview):
             raise transport.TransportError("expected a data chunk, got another header")
-        yield message.data
+        yield message
+
+
+def add_to_server(servicer: FederationServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer``: the generated registration, but with data chunks encoded and
+    decoded by :mod:`fedkube.federation.protocol` instead of protobuf objects."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join, request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString),
+        "PullTask": grpc.unary_stream_rpc_method_handler(
+            servicer.PullTask, request_deserializer=pb.PullTaskRequest.FromString,
+            response_serializer=_serialize_task_chunk),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate, request_deserializer=_decode_update_chunk,
+            response_serializer=pb.PushUpdateReply.SerializeToString),
+        "PushEvaluation": grpc.unary_unary_rpc_method_handler(
+            servicer.PushEvaluation, request_deserializer=pb.EvaluationReport.FromString,
+            response_serializer=pb.PushEvaluationReply.SerializeToString),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # untyped base
@@ -99,7 +141,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
                             spec_json=self.aggregator.spec.model_dump_json(by_alias=True))
 
     async def PullTask(self, request: pb.PullTaskRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskChunk]:
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskChunk | bytes]:
         session = await self._authenticate(context)
         aggregator = self.aggregator
         state = await aggregator.next_assignment(session.client_id, request.wait_seconds)
@@ -114,22 +156,25 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
             header = pb.TaskHeader(action=pb.TaskHeader.TRAIN, round=state.number,
                                    proximal_mu=aggregator.strategy.proximal_mu,
                                    tensors=protocol.to_specs(state.metas))
+        messages = state.messages
+        assert messages is not None, "the model is dropped only once every client has it"
         yield pb.TaskChunk(header=header)
         async with self._send_slots:
-            for data in transport.iter_chunks(state.wire, aggregator.spec.transport.chunk_bytes):
-                self.metrics.model_bytes.inc(len(data))
-                yield pb.TaskChunk(data=data)
+            for message in messages:
+                self.metrics.model_bytes.inc(len(message))
+                yield message
+        aggregator.delivered(state, session.client_id)
 
-    async def PushUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk],
+    async def PushUpdate(self, request_iterator: AsyncIterator[_Chunk],
                          context: grpc.aio.ServicerContext) -> pb.PushUpdateReply:
         session = await self._authenticate(context)
         first = await anext(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if not isinstance(first, pb.UpdateHeader):
             self.metrics.updates["rejected"].inc()
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                          "an update starts with its header")
         status, reason = await self.aggregator.receive_update(
-            session.client_id, first.header, _data_chunks(request_iterator))
+            session.client_id, first, _data_chunks(request_iterator))
         return pb.PushUpdateReply(status=status, reason=reason)
 
     async def PushEvaluation(self, request: pb.EvaluationReport,

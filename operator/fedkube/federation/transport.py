@@ -105,8 +105,10 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
-def iter_chunks(state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Iterator[bytes]:
-    """The raw bytes of every tensor of an encoded state dict, concatenated, in chunks.
+def chunk_views(state: Mapping[str, torch.Tensor],
+                chunk_bytes: int) -> Iterator[memoryview | bytes]:
+    """The raw bytes of every tensor of an encoded state dict, concatenated, in chunks: views
+    of the tensors where a chunk lies within one, a copy where it spans several.
 
     Every chunk but the last holds exactly ``chunk_bytes`` bytes. Memory stays at one chunk
     beyond the tensors themselves, whatever the model's size.
@@ -126,11 +128,16 @@ def iter_chunks(state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Iterator
             yield bytes(pending)
             pending = bytearray()
         while len(view) - position >= chunk_bytes:
-            yield bytes(view[position:position + chunk_bytes])
+            yield view[position:position + chunk_bytes]
             position += chunk_bytes
         pending += view[position:]
     if pending:
         yield bytes(pending)
+
+
+def iter_chunks(state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Iterator[bytes]:
+    """:func:`chunk_views` as ``bytes``, as protobuf messages take them."""
+    return map(bytes, chunk_views(state, chunk_bytes))
 
 
 def allocate(metas: Iterable[TensorMeta]) -> dict[str, torch.Tensor]:
@@ -188,7 +195,7 @@ class StreamReader:
         while self._index < len(self._sizes) and self._sizes[self._index] == 0:
             self._index += 1
 
-    def feed(self, chunk: bytes) -> list[Piece]:
+    def feed(self, chunk: bytes | memoryview) -> list[Piece]:
         """The pieces ``chunk`` completes; :class:`TransportError` past the stream's end."""
         self.received += len(chunk)
         if self.received > self.expected:

@@ -88,7 +88,7 @@ class UpdateReader:
     def received(self) -> int:
         return self._stream.received
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         try:
             pieces = self._stream.feed(chunk)
         except transport.TransportError as error:
