@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from fedkube.federation import transport
 from fedkube.federation.strategies import UpdateRejected, build_strategy
 from fedkube.federation.strategies.base import MeanFold
 
@@ -336,3 +337,87 @@ def test_stacked_round_rejects_more_updates_than_sampled():
     with pytest.raises(UpdateRejected, match="sampled updates"):
         agg.add({"w": torch.ones(3)}, 1)
     assert agg.count == 1
+
+
+def _wire_update(agg, state: dict[str, torch.Tensor], chunk: int, spill_every: int = 0):
+    """``state`` fed to a reader as the wire carries it; every ``spill_every``-th chunk
+    spilled to the reader's file."""
+    wire = transport.encode(state)
+    reader = agg.reader(transport.manifest(wire))
+    for number, data in enumerate(transport.iter_chunks(wire, chunk)):
+        reader.feed(data, spill=bool(spill_every) and number % spill_every == 0)
+    return reader
+
+
+@FAST
+@given(cases, st.sampled_from(["fedavg", "fedmedian", "krum"]), st.integers(1, 64),
+       st.integers(0, 3))
+def test_updates_folded_from_the_wire_equal_updates_added_whole(case, name, chunk, spill):
+    seed, n, weights = case
+    glob, updates = inputs(seed, n)
+    wired = build_strategy(name, clip_norm=5.0).new_round(glob, n)
+    for update, weight in zip(updates, weights, strict=False):
+        with _wire_update(wired, update, chunk, spill).finish() as received:
+            wired.accept(received, weight)
+    whole = build_strategy(name, clip_norm=5.0).new_round(glob, n)
+    for update, weight in zip(updates, weights, strict=False):
+        whole.add(update, weight)
+    np.testing.assert_array_equal(flat64(wired.result()), flat64(whole.result()))
+
+
+@pytest.mark.parametrize("spill", [0, 1])
+def test_nan_in_the_last_chunk_rejects_the_update_before_it_touches_the_round(spill):
+    rng = np.random.default_rng(6)
+    glob, good, bad = make_state(rng), make_state(rng), make_state(rng)
+    bad["b"][-1] = float("nan")
+    agg = build_strategy("fedavg").new_round(glob, 2)
+    agg.add(good, 3)
+    with pytest.raises(UpdateRejected, match="NaN"):
+        _wire_update(agg, bad, chunk=8, spill_every=spill)
+    short = _wire_update(agg, good, chunk=8)
+    with pytest.raises(UpdateRejected, match="stream ended"):
+        _incomplete(agg, good).finish()
+    assert short.finish() is not None and agg.count == 1
+    np.testing.assert_allclose(flat64(agg.result()), flat64(good), atol=1e-6)
+
+
+def _incomplete(agg, state):
+    wire = transport.encode(state)
+    reader = agg.reader(transport.manifest(wire))
+    reader.feed(next(transport.iter_chunks(wire, 8)))
+    return reader
+
+
+def test_a_manifest_unlike_the_global_model_is_refused_before_any_byte():
+    glob = make_state(np.random.default_rng(7))
+    agg = build_strategy("fedavg").new_round(glob, 1)
+    metas = transport.manifest(transport.encode(glob))
+    with pytest.raises(UpdateRejected, match="missing tensors: b"):
+        agg.reader(metas[:1])
+    with pytest.raises(UpdateRejected, match="shape"):
+        agg.reader([transport.TensorMeta("w", "float32", (4, 3)), metas[1]])
+    with pytest.raises(UpdateRejected, match="order"):
+        agg.reader(metas[::-1])
+
+
+def test_fedavg_in_another_order_stays_within_the_float32_bound():
+    """Float addition does not associate (and torch fuses multiply and add), so the fold
+    order changes the last bits: within n * 2^-24 of the summed magnitudes over the total
+    weight. The aggregator folds in client order, whatever the arrival order, to be exact."""
+    rng = np.random.default_rng(8)
+    glob = make_state(rng)
+    updates = [make_state(rng, scale=100.0) for _ in range(6)]
+    weights = [1, 7, 3, 50, 2, 9]
+
+    def folded(order):
+        agg = build_strategy("fedavg").new_round(glob, len(order))
+        for i in order:
+            agg.add(updates[i], weights[i])
+        return flat64(agg.result())
+
+    reference = folded(range(6))
+    np.testing.assert_array_equal(folded(range(6)), reference)
+    magnitude = sum(w * np.abs(flat64(u)) for u, w in zip(updates, weights, strict=True))
+    bound = (len(updates) + 2) * 2.0**-24 * (magnitude / sum(weights) + np.abs(reference))
+    for order in ([5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]):
+        assert np.all(np.abs(folded(order) - reference) <= bound)

@@ -9,8 +9,9 @@ threads (torch releases the GIL) so that the loop keeps serving while it runs.
 
 Uploads are concurrent: each update is read chunk by chunk straight into pieces of the
 received bytes (no assembly), checked as it lands, and folded in one pass once complete.
-Folds are serialized, network reads are not, and at most :data:`UPLOAD_SLOTS` updates are
-held in memory at once, so memory does not grow with the number of clients.
+Folds are serialized, network reads are not, and no upload waits for another: past
+:data:`UPLOAD_MEMORY_MODELS` models of received bytes, chunks go to a temporary file, so
+memory does not grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from fedkube.federation.rounds import (
     Dispatch,
     EvaluationRound,
     EvaluationSummary,
+    PendingUpdate,
     RoundRecord,
     TrainingRound,
     sample,
@@ -54,6 +56,7 @@ from fedkube.federation.rounds import (
 )
 from fedkube.federation.servicer import FederationServicer, add_to_server
 from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
+from fedkube.federation.strategies.base import check_num_examples
 from fedkube.tasks.base import Validator, load_task
 
 log = logging.getLogger("fedkube.aggregator")
@@ -70,12 +73,16 @@ FINISH_GRACE_SECONDS = 10.0
 JOIN_GRACE_SECONDS = 30.0
 #: How often the aggregator looks for a changed configuration file (a site removed: revoked).
 CONFIG_POLL_SECONDS = 2.0
-#: Updates held in memory at once, each at most one model's bytes on the wire: the FedAvg
-#: aggregator's peak is the global model, the accumulator and these, whatever the number of
-#: clients. Further uploads wait, unread (gRPC flow control holds their senders).
-UPLOAD_SLOTS = 2
-#: An upload that sends nothing for this long is rejected, freeing its slot for others.
-UPLOAD_IDLE_SECONDS = 30.0
+#: Received update bytes held in memory at once, in models (of the wire's size). Beyond it,
+#: arriving chunks are written to a temporary file (the page cache, read back a chunk at a
+#: time when folded): no upload ever waits for another, and the FedAvg aggregator's peak
+#: stays at three models (the global one, the accumulator and this) plus the round's
+#: serialized model while it is being sent, whatever the number of clients.
+UPLOAD_MEMORY_MODELS = 1
+#: An upload that sends no chunk for this long (longer for chunks that take longer at
+#: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
+UPLOAD_IDLE_SECONDS = 10.0
+SLOWEST_UPLOAD_BYTES_PER_SECOND = 1 << 20
 
 T = TypeVar("T")
 
@@ -118,7 +125,8 @@ class Aggregator:
         self.finished = False
         self.told_finished: set[str] = set()
         self._changed = asyncio.Event()
-        self._upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
+        self._held_bytes = 0
+        """Received update bytes held in memory by uploads in progress."""
         self._fold_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics.rounds_total.set(self.spec.rounds)
@@ -264,7 +272,8 @@ class Aggregator:
     async def receive_update(self, client_id: str, header: pb.UpdateHeader,
                              chunks: AsyncIterator[bytes | memoryview],
                              ) -> tuple[pb.PushUpdateReply.Status, str]:
-        """Receive and fold one client's update; the reply's status and reason."""
+        """Receive one client's update and fold it in its turn; the reply's status and
+        reason."""
         state = self.current
         unwanted = self._unwanted(state, client_id, header.round)
         if unwanted is not None:
@@ -272,7 +281,7 @@ class Aggregator:
         assert state is not None
         state.receiving.add(client_id)
         try:
-            reason = await self._receive_and_fold(state, header, chunks)
+            reason = await self._receive(state, client_id, header, chunks)
         except _RoundClosed:
             self.metrics.updates["late"].inc()
             return pb.PushUpdateReply.LATE, "the round is over"
@@ -284,6 +293,7 @@ class Aggregator:
         else:
             state.rejected += 1
         self._notify()
+        await self._fold_in_order(state)
         if reason is not None:
             self.metrics.updates["rejected"].inc()
             log.warning("rejected update from %s in round %d: %s",
@@ -292,10 +302,10 @@ class Aggregator:
         self.metrics.updates["accepted"].inc()
         return pb.PushUpdateReply.ACCEPTED, ""
 
-    async def _receive_and_fold(self, state: TrainingRound, header: pb.UpdateHeader,
-                                chunks: AsyncIterator[bytes | memoryview]) -> str | None:
-        """Read one update and fold it; the reason if rejected. :class:`_RoundClosed` when
-        the round ends first."""
+    async def _receive(self, state: TrainingRound, client_id: str, header: pb.UpdateHeader,
+                       chunks: AsyncIterator[bytes | memoryview]) -> str | None:
+        """Read and check one update, and queue it for folding; the reason if rejected.
+        :class:`_RoundClosed` when the round ends first."""
         unusable = [name for name, value in header.metrics.items() if not math.isfinite(value)]
         if unusable:
             return f"training metrics must be finite: {', '.join(sorted(unusable)[:5])}"
@@ -308,41 +318,71 @@ class Aggregator:
             return ("tensors do not match the global model (expected the manifest it was sent): "
                     + ", ".join(wrong[:5]))
         assert state.aggregation is not None
+        idle = max(UPLOAD_IDLE_SECONDS,
+                   self.spec.transport.chunk_bytes / SLOWEST_UPLOAD_BYTES_PER_SECOND)
         try:
+            check_num_examples(int(header.num_examples))
             reader = state.aggregation.reader(metas)
-            async with self._upload_slots:
-                while (chunk := await self._next_chunk(state, chunks)) is not None:
-                    reader.feed(chunk)
-                update = reader.finish()
-                self.metrics.update_bytes.inc(reader.received)
-                async with self._fold_lock:
-                    if state.closed:
-                        raise _RoundClosed
-                    with self.metrics.aggregation_duration.time():
-                        await asyncio.to_thread(state.aggregation.accept, update,
-                                                int(header.num_examples))
+        except UpdateRejected as error:
+            return error.reason
+        budget = UPLOAD_MEMORY_MODELS * sum(meta.nbytes for meta in metas)
+        queued = False
+        try:
+            while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
+                held = reader.held
+                reader.feed(chunk, spill=self._held_bytes + len(chunk) > budget)
+                self._held_bytes += reader.held - held
+            update = reader.finish()
+            self.metrics.update_bytes.inc(reader.received)
+            if state.closed:
+                update.close()
+                raise _RoundClosed
+            state.pending[client_id] = PendingUpdate(update, int(header.num_examples),
+                                                     reader.held)
+            queued = True
         except UpdateRejected as error:
             return error.reason
         except transport.TransportError as error:
             return str(error)
         except TimeoutError:
-            return (f"the upload sent nothing for {UPLOAD_IDLE_SECONDS:.0f} s; it was dropped "
-                    "so that others could upload")
+            return f"the upload sent nothing for {idle:.0f} s"
+        finally:
+            if not queued:
+                self._held_bytes -= reader.held
+                reader.close()
         return None
+
+    async def _fold_in_order(self, state: TrainingRound, *, closing: bool = False) -> None:
+        """Fold the pending updates whose predecessors in :attr:`TrainingRound.fold_order`
+        have all answered (all of them when ``closing``: no more answers come)."""
+        assert state.aggregation is not None
+        async with self._fold_lock:
+            while state.folded < len(state.fold_order):
+                client_id = state.fold_order[state.folded]
+                if client_id not in state.answered and not closing:
+                    return
+                state.folded += 1
+                pending = state.pending.pop(client_id, None)
+                if pending is None:
+                    continue
+                with pending.update, self.metrics.aggregation_duration.time():
+                    await asyncio.to_thread(state.aggregation.accept, pending.update,
+                                            pending.num_examples)
+                self._held_bytes -= pending.held_bytes
 
     @staticmethod
     async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes | memoryview],
-                          ) -> bytes | memoryview | None:
-        """The next chunk; None at the stream's end. A stalled stream raises TimeoutError
-        after :data:`UPLOAD_IDLE_SECONDS`, and :class:`_RoundClosed` when the round ends."""
+                          idle: float) -> bytes | memoryview | None:
+        """The next chunk; None at the stream's end. A stream silent for ``idle`` seconds
+        raises TimeoutError, and one still arriving when the round ends :class:`_RoundClosed`."""
         if state.closed:
             raise _RoundClosed
         until_close = state.deadline - time.monotonic()
         try:
-            async with asyncio.timeout(max(0.0, min(UPLOAD_IDLE_SECONDS, until_close))):
+            async with asyncio.timeout(max(0.0, min(idle, until_close))):
                 return await anext(chunks, None)
         except TimeoutError:
-            if until_close <= UPLOAD_IDLE_SECONDS:
+            if until_close <= idle:
                 raise _RoundClosed from None
             raise
 
@@ -391,7 +431,9 @@ class Aggregator:
         metas, messages = await asyncio.to_thread(self._serialize_model)
         aggregation = await asyncio.to_thread(self.strategy.new_round, self.global_state,
                                               count)
-        return TrainingRound(number, sampled, metas, messages, aggregation=aggregation)
+        indices = {client_id: self.registry.index_of(client_id) for client_id in sampled}
+        return TrainingRound(number, sampled, metas, messages, aggregation=aggregation,
+                             fold_order=sorted(sampled, key=indices.__getitem__))
 
     def _serialize_model(self) -> tuple[list[transport.TensorMeta], list[bytes]]:
         """The global model's manifest and its data chunks as messages, once for every
@@ -416,6 +458,7 @@ class Aggregator:
         await self._wait_until(lambda: state.complete, deadline, tick=1.0)
         async with self._fold_lock:
             state.closed = True
+        await self._fold_in_order(state, closing=True)
         self._notify()
         return state
 

@@ -51,6 +51,11 @@ class Registry:
     def get(self, client_id: str) -> Session | None:
         return self._sessions.get(client_id)
 
+    def index_of(self, client_id: str) -> int:
+        """The index of a client that joined; -1 for one whose session ended."""
+        session = self._sessions.get(client_id)
+        return -1 if session is None else session.index
+
     def touch(self, session: Session) -> None:
         session.last_seen = self._clock()
 

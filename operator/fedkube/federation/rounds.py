@@ -13,6 +13,7 @@ from typing import Any
 
 from fedkube.federation import transport
 from fedkube.federation.strategies import Round
+from fedkube.federation.strategies.base import ReceivedUpdate
 
 
 def sample_size(connected: int, fraction_fit: float, min_clients: int) -> int:
@@ -52,10 +53,31 @@ class Dispatch:
 
 
 @dataclass
+class PendingUpdate:
+    """An accepted update waiting for its turn to be folded."""
+
+    update: ReceivedUpdate
+    num_examples: int
+    held_bytes: int
+    """Of the aggregator's in-memory budget, released once folded."""
+
+
+@dataclass
 class TrainingRound(Dispatch):
-    """One attempt at one round."""
+    """One attempt at one round.
+
+    Accepted updates are folded in :attr:`fold_order`, whatever order they arrive in, so that
+    the aggregate is bit for bit the same in every run with the same updates (float addition
+    does not associate). An update arriving before its predecessors answered waits in
+    :attr:`pending`.
+    """
 
     aggregation: Round | None = None
+    fold_order: list[str] = field(default_factory=list)
+    """The sampled clients by index."""
+    folded: int = 0
+    """How many of :attr:`fold_order` are done with (folded, or nothing to fold)."""
+    pending: dict[str, PendingUpdate] = field(default_factory=dict)
     deadline: float = math.inf
     """When the round closes (``time.monotonic``) unless every sampled client answered."""
     accepted: int = 0

@@ -162,6 +162,9 @@ class Piece:
     """The first element's position in the flattened tensor."""
     values: torch.Tensor
     """1-D, in the manifest's dtype: a view of the received bytes, not a copy."""
+    position: int | None
+    """Where ``values`` starts in the stream, in bytes; None for an element that was cut
+    by a chunk boundary (``values`` is then a copy)."""
 
 
 class StreamReader:
@@ -197,6 +200,7 @@ class StreamReader:
 
     def feed(self, chunk: bytes | memoryview) -> list[Piece]:
         """The pieces ``chunk`` completes; :class:`TransportError` past the stream's end."""
+        start = self.received
         self.received += len(chunk)
         if self.received > self.expected:
             raise TransportError(f"received more than the {self.expected} bytes the manifest "
@@ -213,7 +217,7 @@ class StreamReader:
                 if len(self._carry) < itemsize:
                     break
                 pieces.append(Piece(self._index, self._offset // itemsize,
-                                    torch.frombuffer(bytearray(self._carry), dtype=dtype)))
+                                    torch.frombuffer(bytearray(self._carry), dtype=dtype), None))
                 self._carry.clear()
                 self._advance(itemsize)
                 continue
@@ -221,7 +225,7 @@ class StreamReader:
             whole = min(left, len(chunk) - position) // itemsize
             if whole:
                 pieces.append(Piece(self._index, self._offset // itemsize, torch.frombuffer(
-                    chunk, dtype=dtype, count=whole, offset=position)))
+                    chunk, dtype=dtype, count=whole, offset=position), start + position))
                 position += whole * itemsize
                 self._advance(whole * itemsize)
             else:

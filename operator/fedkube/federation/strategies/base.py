@@ -13,10 +13,12 @@ same delta the strategies step with.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import torch
 from torch import Tensor
@@ -27,14 +29,61 @@ from fedkube.federation.strategies.layout import FlatLayout, Span, UpdateRejecte
 from fedkube.federation.strategies.privacy import GaussianNoise
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """Values the reader wrote to its spill file, read back a piece at a time when folded."""
+
+    position: int
+    count: int
+    dtype: torch.dtype
+
+
 @dataclass
 class ReceivedUpdate:
-    """One client's update, complete and checked, not yet folded."""
+    """One client's update, complete and checked, not yet folded. A context manager: leaving
+    it drops its spill file."""
 
-    pieces: list[tuple[Span, int, Tensor]] = field(default_factory=list)
+    pieces: list[tuple[Span, int, Tensor | _Spilled]] = field(default_factory=list)
     """``(tensor, first element, values)`` covering every floating-point value once."""
     others: dict[str, Tensor] = field(default_factory=dict)
     """The non-floating tensors (counters and flags), whole."""
+    spill: BinaryIO | None = None
+
+    def values(self) -> Iterator[tuple[Span, int, Tensor]]:
+        """The pieces with their values. A spilled piece is read into one reusable buffer
+        (the page cache stays out of the process's memory), so each value is valid only
+        until the next is taken."""
+        buffer = bytearray()
+        for span, start, values in self.pieces:
+            if isinstance(values, _Spilled):
+                assert self.spill is not None
+                size = values.count * values.dtype.itemsize
+                if len(buffer) < size:
+                    buffer = bytearray(size)
+                if os.preadv(self.spill.fileno(), [memoryview(buffer)[:size]],
+                             values.position) != size:
+                    raise OSError("the spill file is shorter than what was written to it")
+                values = torch.frombuffer(buffer, dtype=values.dtype, count=values.count)
+            yield span, start, values
+
+    def close(self) -> None:
+        """Drop the spill file."""
+        if self.spill is not None:
+            self.spill.close()
+
+    def __enter__(self) -> ReceivedUpdate:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_num_examples(num_examples: int) -> None:
+    """:class:`UpdateRejected` unless ``num_examples`` can weigh an update."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+        raise UpdateRejected(f"num_examples must be an integer, got {num_examples!r}")
+    if num_examples < 1:
+        raise UpdateRejected(f"num_examples must be at least 1, got {num_examples}")
 
 
 def _check_finite(values: Tensor) -> None:
@@ -51,6 +100,11 @@ class UpdateReader:
     Floating-point pieces stay views of their chunk (no copy); non-floating tensors, a few
     counters, are copied out. :class:`UpdateRejected` as soon as a chunk proves the update
     bad (wrong layout, NaN, too many bytes), so a bad update costs no more than its bytes.
+
+    A chunk fed with ``spill=True`` is checked all the same, then written to an anonymous
+    temporary file instead of being kept: the caller's way to bound the memory that many
+    uploads arriving at once hold, without making any of them wait. The update
+    :meth:`finish` returns reads those pieces back from the file when it is folded.
     """
 
     def __init__(self, layout: FlatLayout, metas: list[transport.TensorMeta]) -> None:
@@ -82,34 +136,54 @@ class UpdateReader:
                                  else torch.empty(shape, dtype=meta.torch_dtype))
         self._names = names
         self._stream = transport.StreamReader(metas)
-        self._update = ReceivedUpdate()
+        self._pieces: list[tuple[Span, int, Tensor | _Spilled]] = []
+        self._spill: BinaryIO | None = None
+        self.held = 0
+        """Bytes of received chunks held in memory."""
 
     @property
     def received(self) -> int:
         return self._stream.received
 
-    def feed(self, chunk: bytes | memoryview) -> None:
+    def feed(self, chunk: bytes | memoryview, *, spill: bool = False) -> None:
         try:
             pieces = self._stream.feed(chunk)
         except transport.TransportError as error:
             raise UpdateRejected(str(error)) from None
         for piece in pieces:
             target = self._targets[piece.index]
-            if isinstance(target, Span):
-                _check_finite(piece.values)
-                self._update.pieces.append((target, piece.start, piece.values))
-            else:
+            if not isinstance(target, Span):
                 count = piece.values.numel()
                 target.view(-1)[piece.start:piece.start + count].copy_(piece.values)
+                continue
+            _check_finite(piece.values)
+            if spill and piece.position is not None:
+                self._pieces.append((target, piece.start, _Spilled(
+                    piece.position, piece.values.numel(), piece.values.dtype)))
+            else:
+                self._pieces.append((target, piece.start, piece.values))
+        if spill:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish or close
+            os.pwrite(self._spill.fileno(), chunk, self._stream.received - len(chunk))
+        else:
+            self.held += len(chunk)
 
     def finish(self) -> ReceivedUpdate:
         try:
             self._stream.close()
         except transport.TransportError as error:
             raise UpdateRejected(str(error)) from None
-        self._update.others = {name: target for name, target in zip(
-            self._names, self._targets, strict=True) if isinstance(target, Tensor)}
-        return self._update
+        others = {name: target for name, target in zip(self._names, self._targets, strict=True)
+                  if isinstance(target, Tensor)}
+        update = ReceivedUpdate(self._pieces, others, self._spill)
+        self._spill = None
+        return update
+
+    def close(self) -> None:
+        """Drop the spill file of an update that will not be finished."""
+        if self._spill is not None:
+            self._spill.close()
 
 
 class Fold(ABC):
@@ -142,7 +216,7 @@ class MeanFold(Fold):
             global_flat: Mapping[str, Tensor]) -> None:
         coefficient = weight * scale
         target = self._sum
-        for span, start, values in update.pieces:
+        for span, start, values in update.values():
             offset = span.offset + start
             target[offset:offset + values.numel()].add_(
                 values.to(target.device, non_blocking=True), alpha=coefficient)
@@ -170,7 +244,7 @@ class StackFold(Fold):
         if self._count == self._rows.shape[0]:
             raise UpdateRejected(f"the round already holds its {self._count} sampled updates")
         row = self._rows[self._count]
-        for span, start, values in update.pieces:
+        for span, start, values in update.values():
             offset, count = span.offset + start, values.numel()
             torch.sub(values.to(row.device, non_blocking=True),
                       global_flat[span.key][start:start + count],
@@ -224,7 +298,7 @@ class Round:
         update = ReceivedUpdate(
             [(span, 0, update_state[span.key].reshape(-1)) for span in self.layout.spans],
             {key: update_state[key] for key in self.layout.others})
-        for _, _, values in update.pieces:
+        for _, _, values in update.values():
             _check_finite(values)
         self.accept(update, num_examples)
 
@@ -232,10 +306,7 @@ class Round:
         """Fold a complete, checked update in, or raise :class:`UpdateRejected`."""
         if self._done:
             raise RuntimeError("the round's result was already taken; open a new round")
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
-            raise UpdateRejected(f"num_examples must be an integer, got {num_examples!r}")
-        if num_examples < 1:
-            raise UpdateRejected(f"num_examples must be at least 1, got {num_examples}")
+        check_num_examples(num_examples)
         strategy = self._strategy
         scale = 1.0
         if strategy.clip_norm is not None:
@@ -251,7 +322,7 @@ class Round:
     def _delta_norm(self, update: ReceivedUpdate) -> float:
         """The L2 norm of the update's delta to the global model (for clipping)."""
         squares = torch.zeros((), dtype=torch.float64, device=self._strategy.device)
-        for span, start, values in update.pieces:
+        for span, start, values in update.values():
             part = values.to(self._strategy.device, torch.float32) - \
                 self._global[span.key][start:start + values.numel()]
             squares += torch.linalg.vector_norm(part, dtype=torch.float64) ** 2

@@ -1,0 +1,189 @@
+"""Uploads are concurrent, a stalled one blocks nobody, and idle clients hold no threads:
+a real aggregator process over gRPC and mutual TLS, driven by hand-made clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import torch
+from runtime_support import (
+    HandmadeClient,
+    State,
+    make_config,
+    processes,
+    status,
+    wait_for,
+)
+
+from fedkube.api.runtime import RuntimeConfig
+from fedkube.federation import protocol, transport
+from fedkube.federation.aggregator import UPLOAD_IDLE_SECONDS
+from fedkube.federation.proto import fedkube_pb2 as pb
+from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
+from fedkube.federation.security import TlsFiles, channel_credentials
+from fedkube.local import client_tls_dir
+
+pytestmark = pytest.mark.timeout(300)
+CHUNK = 1 << 10
+
+
+class HeldUpload(threading.Thread):
+    """A PushUpdate that sends its header and the first ``sent`` data chunks, then waits for
+    :attr:`resume` before sending the rest (or, with ``finish`` False, nothing more)."""
+
+    def __init__(self, client: HandmadeClient, round_: int, state: State, sent: int,
+                 finish: bool = True) -> None:
+        super().__init__(daemon=True)
+        self.client, self.round, self.state = client, round_, state
+        self.sent, self.finish = sent, finish
+        self.resume = threading.Event()
+        self.started_sending = threading.Event()
+        self.reply: pb.PushUpdateReply | None = None
+
+    def messages(self) -> Iterator[pb.UpdateChunk]:
+        yield pb.UpdateChunk(header=pb.UpdateHeader(
+            round=self.round, num_examples=10,
+            tensors=protocol.to_specs(transport.manifest(self.state))))
+        chunks = list(transport.iter_chunks(self.state, CHUNK))
+        assert len(chunks) > self.sent
+        for data in chunks[:self.sent]:
+            yield pb.UpdateChunk(data=data)
+        self.started_sending.set()
+        self.resume.wait()
+        if self.finish:
+            for data in chunks[self.sent:]:
+                yield pb.UpdateChunk(data=data)
+
+    def run(self) -> None:
+        # A stream cut by its own client's timeout leaves no reply, which the test checks.
+        with contextlib.suppress(grpc.RpcError):
+            self.reply = self.client.stub.PushUpdate(self.messages(),
+                                                     metadata=self.client.metadata, timeout=120)
+
+
+def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(4)]
+        pulled = [client.pull() for client in clients]
+        round_ = pulled[0][0]
+        updates = [{k: v + 0.25 * (i + 1) for k, v in state.items()}
+                   for i, (_, state) in enumerate(pulled)]
+        # Client 0 stops in the middle of its update and resumes later; client 3 stalls for
+        # good. Clients 1 and 2 upload in full meanwhile, and are accepted meanwhile.
+        paused = HeldUpload(clients[0], round_, updates[0], sent=2)
+        stalled = HeldUpload(clients[3], round_, updates[3], sent=1, finish=False)
+        for upload in (paused, stalled):
+            upload.start()
+            assert upload.started_sending.wait(30)
+        for i in (1, 2):
+            assert clients[i].push(round_, updates[i]).status == pb.PushUpdateReply.ACCEPTED
+        assert paused.is_alive() and stalled.is_alive(), (paused.reply, stalled.reply)
+        paused.resume.set()
+        paused.join(60)
+        assert paused.reply is not None
+        assert paused.reply.status == pb.PushUpdateReply.ACCEPTED
+        # The stalled upload is dropped after UPLOAD_IDLE_SECONDS, long before the round's
+        # 120 s timeout: the round completes with the three others.
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 3 * UPLOAD_IDLE_SECONDS + 30,
+                 "the round to complete without the stalled upload")
+        stalled.join(60)
+        assert stalled.reply is not None
+        assert stalled.reply.status == pb.PushUpdateReply.REJECTED
+        assert "sent nothing" in stalled.reply.reason
+        stalled.resume.set()
+    record = json.loads((tmp_path / "output" / "history.json").read_text())[0]
+    assert (record["clients"], record["rejected"]) == (3, 1)
+    # FedAvg of the three accepted updates, equal weights: interleaving changed nothing.
+    final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+    for name in final:
+        expected = sum(updates[i][name] for i in range(3)) / 3
+        torch.testing.assert_close(final[name], expected.to(final[name].dtype))
+
+
+async def _long_poll(address: str, credentials: grpc.ChannelCredentials, index: int,
+                     joined: asyncio.Event, release: asyncio.Event, counter: list[int],
+                     total: int) -> None:
+    """One client on its own connection: join, then long-poll until released."""
+    async with grpc.aio.secure_channel(address, credentials,
+                                       options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        reply = await stub.Join(pb.JoinRequest(index=index), wait_for_ready=True, timeout=120)
+        counter[0] += 1
+        if counter[0] == total:
+            joined.set()
+        metadata = ((protocol.CLIENT_ID_KEY, reply.client_id),)
+        while not release.is_set():
+            async for _ in stub.PullTask(pb.PullTaskRequest(wait_seconds=5), metadata=metadata,
+                                         timeout=30):
+                pass
+
+
+def test_idle_clients_hold_no_threads(tmp_path: Path) -> None:
+    idle = 300
+    # More clients than will ever connect: the aggregator waits for them, every one polling.
+    config = make_config(tmp_path, rounds=1, clients=idle + 1, min_clients=idle + 1,
+                         timeout=120)
+    with processes(tmp_path) as group:
+        aggregator = psutil.Process(group.aggregator(config).pid)
+        first = HandmadeClient.joined(config, 0)
+        first.stub.PullTask(pb.PullTaskRequest(wait_seconds=0), metadata=first.metadata)
+        wait_for(lambda: status(config)["clientsConnected"] == 1, 30, "the first client")
+        threads_before = aggregator.num_threads()
+
+        async def drive() -> tuple[int, int]:
+            address = RuntimeConfig.from_file(config).aggregator_address
+            credentials = channel_credentials(TlsFiles.read(client_tls_dir(
+                config.parent / "tls", None)))
+            joined, release, counter = asyncio.Event(), asyncio.Event(), [0]
+            tasks = [asyncio.create_task(_long_poll(address, credentials, index, joined,
+                                                    release, counter, idle))
+                     for index in range(1, idle + 1)]
+            await asyncio.wait_for(joined.wait(), 180)
+            # Every client is now parked in a long poll on the aggregator.
+            peak = max(aggregator.num_threads() for _ in range(20))
+            connected = status(config)["clientsConnected"]
+            release.set()
+            await asyncio.gather(*tasks)
+            return peak, connected
+
+        threads_during, connected = asyncio.run(drive())
+    assert connected == idle + 1
+    # grpc.aio: a connection is a coroutine, not a thread. A few worker threads may start.
+    assert threads_during <= threads_before + 4, (threads_before, threads_during)
+
+
+
+
+def _one_round(tmp_path: Path, arrival: list[int]) -> dict[str, torch.Tensor]:
+    """A one-round job of four clients whose updates arrive in ``arrival`` order; its model."""
+    config = make_config(tmp_path, rounds=1, clients=4, min_clients=4, timeout=60)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(4)]
+        pulled = [client.pull() for client in clients]
+        for i in arrival:
+            round_, state = pulled[i]
+            # Values whose weighted sums round differently in another order.
+            update = {k: v * (1.0 + 0.37 * i) + 1e3 * (i % 2) for k, v in state.items()}
+            assert clients[i].push(round_, update).status == pb.PushUpdateReply.ACCEPTED
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
+    return torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+
+
+def test_the_aggregate_is_the_same_bits_whatever_order_updates_arrive_in(
+        tmp_path: Path) -> None:
+    first = _one_round(tmp_path / "a", [0, 1, 2, 3])
+    second = _one_round(tmp_path / "b", [3, 1, 0, 2])
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
