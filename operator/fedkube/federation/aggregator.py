@@ -197,7 +197,13 @@ class Aggregator:
     # ---- what the servicer calls -----------------------------------------------------------
 
     def join(self, index: int, identity: pki.Identity | None) -> Session:
+        old = self.registry.of_index(index)
         session = self.registry.join(index, identity)
+        for state in (self.current, self.evaluating):
+            if (old is not None and state is not None and not state.closed
+                    and state.hand_over(old.client_id, session.client_id)):
+                log.info("client %s took the place of %s in round %d", session.client_id,
+                         old.client_id, state.number)
         self.metrics.clients_connected.set(len(self._connected()))
         self._notify()
         log.info("client %s joined (index %d%s)", session.client_id, index,
@@ -292,6 +298,7 @@ class Aggregator:
             state.record_accepted(header.num_examples, header.metrics)
         else:
             state.rejected += 1
+            state.failed.add(client_id)
         self._notify()
         await self._fold_in_order(state)
         if reason is not None:

@@ -48,6 +48,10 @@ class Registry:
         self._sessions[session.client_id] = session
         return session
 
+    def of_index(self, index: int) -> Session | None:
+        """The session holding ``index``, if any."""
+        return next((s for s in self._sessions.values() if s.index == index), None)
+
     def get(self, client_id: str) -> Session | None:
         return self._sessions.get(client_id)
 

@@ -51,6 +51,22 @@ class Dispatch:
     def complete(self) -> bool:
         return self.answered >= self.sampled
 
+    def may_hand_over(self, old: str) -> bool:
+        """Whether ``old``'s place may go to a new session of its client: not once it
+        answered, nor while its answer is arriving."""
+        return old in self.sampled and old not in self.answered and old not in self.receiving
+
+    def hand_over(self, old: str, new: str) -> bool:
+        """Give the place of ``old``, a client that restarted, to its new session ``new``
+        when :meth:`may_hand_over`; whether it did. The restarted client then takes part in
+        the round it was sampled into instead of costing the round an answer."""
+        if not self.may_hand_over(old):
+            return False
+        self.sampled = self.sampled - {old} | {new}
+        self.dispatched.discard(old)
+        self.delivered.discard(old)
+        return True
+
 
 @dataclass
 class PendingUpdate:
@@ -78,6 +94,21 @@ class TrainingRound(Dispatch):
     folded: int = 0
     """How many of :attr:`fold_order` are done with (folded, or nothing to fold)."""
     pending: dict[str, PendingUpdate] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    """Clients whose update was rejected."""
+
+    def may_hand_over(self, old: str) -> bool:
+        """Also after a rejected update: a client that crashed mid-upload and restarted
+        sends the whole update again (a truncated one was rejected, and only an accepted
+        update counts, so no client counts twice)."""
+        return old in self.sampled and old not in self.receiving and (
+            old not in self.answered or old in self.failed)
+
+    def hand_over(self, old: str, new: str) -> bool:
+        handed = super().hand_over(old, new)
+        if handed:
+            self.fold_order = [new if c == old else c for c in self.fold_order]
+        return handed
     deadline: float = math.inf
     """When the round closes (``time.monotonic``) unless every sampled client answered."""
     accepted: int = 0

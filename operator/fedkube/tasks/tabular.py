@@ -231,7 +231,8 @@ class Standardize(nn.Module):
 @dataclass(frozen=True)
 class SiteRows:
     """One client's rows: training and validation features (float32) and class indices,
-    the training rows' statistics, and the generator that shuffles them each epoch."""
+    and the training rows' statistics. Their order each epoch comes from torch's global
+    generator, which the client seeds for every round (reproducible jobs)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -241,7 +242,6 @@ class SiteRows:
     """Per-feature mean of the training rows (computed in float64, stored as float32)."""
     mean_of_squares: torch.Tensor
     """Per-feature mean of the squared training rows (likewise)."""
-    shuffle: torch.Generator
 
     def __len__(self) -> int:
         return len(self.train_y)
@@ -305,10 +305,8 @@ class TabularTask:
                 "(its mean square overflows): rescale the column")
         x = torch.from_numpy(x_all).float()
         y = torch.from_numpy(y_all)
-        shuffle = torch.Generator().manual_seed(settings.seed * 1_000_003 + key)
         return SiteRows(x[train], y[train], x[val], y[val],
-                        torch.from_numpy(mean).float(), torch.from_numpy(mean_of_squares).float(),
-                        shuffle)
+                        torch.from_numpy(mean).float(), torch.from_numpy(mean_of_squares).float())
 
     def train(self, model: nn.Module, data: SiteRows, config: Mapping[str, Any], *,
               device: torch.device, proximal_mu: float = 0.0) -> TrainResult:
@@ -328,7 +326,7 @@ class TabularTask:
         features, labels = data.train_x.to(device), data.train_y.to(device)
         total, batches = 0.0, 0
         for _ in range(settings.local_epochs):
-            order = torch.randperm(len(labels), generator=data.shuffle).to(device)
+            order = torch.randperm(len(labels)).to(device)
             for batch in torch.split(order, settings.batch_size):
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(features[batch]), labels[batch])
