@@ -60,10 +60,15 @@ $(BENCH_VENV)/.installed:
 	$(BENCH_VENV)/bin/python -m pip install -q flwr==1.41.0
 	@touch $@
 
+# Each script prints its figures side by side and exits 1 when it misses its target, so that
+# `make -k bench` shows every miss; see README "Performance" for what each one measures.
 bench: $(STAMP) $(BENCH_VENV)/.installed
+	$(BIN)/python hack/bench_fold.py --flower-python $(BENCH_VENV)/bin/python
 	$(BIN)/python hack/bench_strategies.py --flower-python $(BENCH_VENV)/bin/python
-	$(BIN)/python hack/bench_operator.py
+	$(BIN)/python hack/bench_whole_round.py --flower-python $(BENCH_VENV)/bin/python
 	$(BIN)/python hack/bench_aggregator_memory.py
+	$(BIN)/python hack/bench_aggregator_scale.py
+	$(BIN)/python hack/bench_operator.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

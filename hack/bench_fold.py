@@ -174,7 +174,7 @@ def main(arguments: argparse.Namespace) -> int:
             (folder / "examples.json").write_text(json.dumps(examples))
             ours = _run(sys.executable, "fedkube", folder, arguments.repeats)
             theirs = (_run(arguments.flower_python, "flower", folder, arguments.repeats)
-                      if total * clients <= FLOWER_LIMIT else {})
+                      if arguments.flower_python and total * clients <= FLOWER_LIMIT else {})
         loop, memory, wire = ours["torch loop"], ours["in memory"], ours["from bytes"]
         flower = theirs.get("flower")
         ratio = wire / loop
@@ -194,7 +194,8 @@ if __name__ == "__main__":
         print(json.dumps(worker(folder, repeats)))
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        parser.add_argument("--flower-python", default=".venv-bench/bin/python")
+        parser.add_argument("--flower-python", default=".venv-bench/bin/python",
+                            help="the bench virtualenv's python; '' to measure fedkube alone")
         parser.add_argument("--parameters", type=int, nargs="+",
                             default=[10_000_000, 100_000_000])
         parser.add_argument("--clients", type=int, default=20)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fedkube.federation import transport
+from fedkube.federation.spill import SpillFile
 from fedkube.federation.strategies import UpdateRejected, build_strategy
 from fedkube.federation.strategies.base import MeanFold
 
@@ -339,13 +340,16 @@ def test_stacked_round_rejects_more_updates_than_sampled():
     assert agg.count == 1
 
 
+SPILL = SpillFile()
+
+
 def _wire_update(agg, state: dict[str, torch.Tensor], chunk: int, spill_every: int = 0):
     """``state`` fed to a reader as the wire carries it; every ``spill_every``-th chunk
     spilled to the reader's file."""
     wire = transport.encode(state)
     reader = agg.reader(transport.manifest(wire))
     for number, data in enumerate(transport.iter_chunks(wire, chunk)):
-        reader.feed(data, spill=bool(spill_every) and number % spill_every == 0)
+        reader.feed(data, SPILL if spill_every and number % spill_every == 0 else None)
     return reader
 
 
@@ -363,6 +367,7 @@ def test_updates_folded_from_the_wire_equal_updates_added_whole(case, name, chun
     for update, weight in zip(updates, weights, strict=False):
         whole.add(update, weight)
     np.testing.assert_array_equal(flat64(wired.result()), flat64(whole.result()))
+    assert SPILL.size == 0, "a folded update left its regions in the spill file"
 
 
 @pytest.mark.parametrize("spill", [0, 1])
@@ -421,3 +426,17 @@ def test_fedavg_in_another_order_stays_within_the_float32_bound():
     bound = (len(updates) + 2) * 2.0**-24 * (magnitude / sum(weights) + np.abs(reference))
     for order in ([5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]):
         assert np.all(np.abs(folded(order) - reference) <= bound)
+
+
+def test_the_spill_file_gives_back_what_was_folded_and_starts_over():
+    spill = SpillFile()
+    first, second = spill.write(b"a" * 100), spill.write(b"b" * 50)
+    assert (first, second, spill.size) == (0, 100, 150)
+    buffer = bytearray(50)
+    spill.read_into(memoryview(buffer), second)
+    assert bytes(buffer) == b"b" * 50
+    spill.release(first, 100)
+    assert spill.size == 50
+    spill.release(second, 50)
+    assert spill.size == 0 and spill.write(b"c") == 0  # the file started over
+    spill.close()

@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +55,7 @@ from fedkube.federation.rounds import (
     sample_size,
 )
 from fedkube.federation.servicer import FederationServicer, add_to_server
+from fedkube.federation.spill import SpillFile
 from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
 from fedkube.federation.strategies.base import check_num_examples
 from fedkube.tasks.base import Validator, load_task
@@ -79,6 +80,8 @@ CONFIG_POLL_SECONDS = 2.0
 #: stays at three models (the global one, the accumulator and this) plus the round's
 #: serialized model while it is being sent, whatever the number of clients.
 UPLOAD_MEMORY_MODELS = 1
+#: ...but never less than this: small models' uploads need not touch the file.
+UPLOAD_MEMORY_FLOOR = 64 << 20
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
 #: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
 UPLOAD_IDLE_SECONDS = 10.0
@@ -127,6 +130,10 @@ class Aggregator:
         self._changed = asyncio.Event()
         self._held_bytes = 0
         """Received update bytes held in memory by uploads in progress."""
+        self._spill = SpillFile()
+        self._polls: dict[str, asyncio.Event] = {}
+        """Long-polling clients, each woken when something is due for it: waking every poll
+        at every change would cost a round with N clients N² wake-ups."""
         self._fold_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics.rounds_total.set(self.spec.rounds)
@@ -204,6 +211,7 @@ class Aggregator:
                     and state.hand_over(old.client_id, session.client_id)):
                 log.info("client %s took the place of %s in round %d", session.client_id,
                          old.client_id, state.number)
+                self._wake([session.client_id])
         self.metrics.clients_connected.set(len(self._connected()))
         self._notify()
         log.info("client %s joined (index %d%s)", session.client_id, index,
@@ -231,25 +239,34 @@ class Aggregator:
         """The round this client should train, or the model it should evaluate, now; None
         when finished or when nothing is due within ``wait_seconds``."""
         deadline = time.monotonic() + min(max(wait_seconds, 0.0), MAX_POLL_SECONDS)
-        assigned: list[Dispatch] = []
-
-        def ready() -> bool:
-            if self.finished:
-                return True
+        while not self.finished:
             for state in (self.current, self.evaluating):
                 if (state is not None and not state.closed and client_id in state.sampled
                         and client_id not in state.dispatched):
                     state.dispatched.add(client_id)
-                    assigned.append(state)
-                    return True
-            return False
+                    return state
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            woken = self._polls[client_id] = asyncio.Event()
+            try:
+                async with asyncio.timeout(remaining):
+                    await woken.wait()
+            except TimeoutError:
+                return None
+            finally:
+                if self._polls.get(client_id) is woken:
+                    del self._polls[client_id]
+        self.told_finished.add(client_id)
+        self._notify()
+        return None
 
-        await self._wait_until(ready, deadline)
-        if self.finished:
-            self.told_finished.add(client_id)
-            self._notify()
-            return None
-        return assigned[0] if assigned else None
+    def _wake(self, client_ids: Iterable[str] | None = None) -> None:
+        """Wake the long polls of ``client_ids`` (None: of every client)."""
+        for client_id in list(self._polls) if client_ids is None else client_ids:
+            woken = self._polls.get(client_id)
+            if woken is not None:
+                woken.set()
 
     def delivered(self, state: Dispatch, client_id: str) -> None:
         """``client_id`` has received the whole model of ``state``."""
@@ -332,12 +349,14 @@ class Aggregator:
             reader = state.aggregation.reader(metas)
         except UpdateRejected as error:
             return error.reason
-        budget = UPLOAD_MEMORY_MODELS * sum(meta.nbytes for meta in metas)
+        budget = max(UPLOAD_MEMORY_MODELS * sum(meta.nbytes for meta in metas),
+                     UPLOAD_MEMORY_FLOOR)
         queued = False
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
                 held = reader.held
-                reader.feed(chunk, spill=self._held_bytes + len(chunk) > budget)
+                over = self._held_bytes + len(chunk) > budget
+                reader.feed(chunk, self._spill if over else None)
                 self._held_bytes += reader.held - held
             update = reader.finish()
             self.metrics.update_bytes.inc(reader.received)
@@ -405,6 +424,10 @@ class Aggregator:
         self.metrics.evaluations["accepted"].inc()
         return True
 
+    def close(self) -> None:
+        """Drop the spill file."""
+        self._spill.close()
+
     # ---- round loop ------------------------------------------------------------------------
 
     def _set_phase(self, phase: AggregatorPhase, message: str = "") -> None:
@@ -460,7 +483,7 @@ class Aggregator:
         self.current = state
         self.phase, self.message = "Running", f"round {number}: {len(state.sampled)} sampled"
         self.metrics.clients_sampled.set(len(state.sampled))
-        self._notify()
+        self._wake(state.sampled)
         # Ticks: a sampled client that dies is noticed when its liveness runs out.
         await self._wait_until(lambda: state.complete, deadline, tick=1.0)
         async with self._fold_lock:
@@ -508,7 +531,7 @@ class Aggregator:
         deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
         self.evaluating = state
         self.message = f"round {number}: evaluating on {count} clients"
-        self._notify()
+        self._wake(state.sampled)
         await self._wait_until(lambda: state.complete, deadline, tick=1.0)
         state.closed = True
         self.evaluating = None
@@ -602,7 +625,7 @@ class Aggregator:
         """Tell polling clients the job is over, for a short grace period."""
         self.finished = True
         self.current = None
-        self._notify()
+        self._wake()
         await self._wait_until(lambda: not set(self._connected()) - self.told_finished,
                                 time.monotonic() + FINISH_GRACE_SECONDS, tick=0.2)
 
@@ -724,6 +747,7 @@ async def _serve(config: RuntimeConfig, config_path: Path | None) -> int:
             watcher.cancel()
         await server.stop(grace=1.0)
         http.shutdown()
+        aggregator.close()
 
 
 def serve(config: RuntimeConfig, config_path: Path | None = None) -> int:

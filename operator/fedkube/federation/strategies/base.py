@@ -13,25 +13,24 @@ same delta the strategies step with.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from fedkube.api.runtime import ConfigurationError
 from fedkube.federation import transport
+from fedkube.federation.spill import SpillFile
 from fedkube.federation.strategies.layout import FlatLayout, Span, UpdateRejected
 from fedkube.federation.strategies.privacy import GaussianNoise
 
 
 @dataclass(frozen=True)
 class _Spilled:
-    """Values the reader wrote to its spill file, read back a piece at a time when folded."""
+    """Values written to a spill file, read back a piece at a time when folded."""
 
     position: int
     count: int
@@ -41,13 +40,15 @@ class _Spilled:
 @dataclass
 class ReceivedUpdate:
     """One client's update, complete and checked, not yet folded. A context manager: leaving
-    it drops its spill file."""
+    it releases what it holds in the spill file."""
 
     pieces: list[tuple[Span, int, Tensor | _Spilled]] = field(default_factory=list)
     """``(tensor, first element, values)`` covering every floating-point value once."""
     others: dict[str, Tensor] = field(default_factory=dict)
     """The non-floating tensors (counters and flags), whole."""
-    spill: BinaryIO | None = None
+    spill: SpillFile | None = None
+    regions: list[tuple[int, int]] = field(default_factory=list)
+    """``(position, size)`` of what the update holds in :attr:`spill`."""
 
     def values(self) -> Iterator[tuple[Span, int, Tensor]]:
         """The pieces with their values. A spilled piece is read into one reusable buffer
@@ -60,16 +61,16 @@ class ReceivedUpdate:
                 size = values.count * values.dtype.itemsize
                 if len(buffer) < size:
                     buffer = bytearray(size)
-                if os.preadv(self.spill.fileno(), [memoryview(buffer)[:size]],
-                             values.position) != size:
-                    raise OSError("the spill file is shorter than what was written to it")
+                self.spill.read_into(memoryview(buffer)[:size], values.position)
                 values = torch.frombuffer(buffer, dtype=values.dtype, count=values.count)
             yield span, start, values
 
     def close(self) -> None:
-        """Drop the spill file."""
+        """Release the spill file's regions."""
         if self.spill is not None:
-            self.spill.close()
+            for position, size in self.regions:
+                self.spill.release(position, size)
+            self.regions.clear()
 
     def __enter__(self) -> ReceivedUpdate:
         return self
@@ -101,10 +102,10 @@ class UpdateReader:
     counters, are copied out. :class:`UpdateRejected` as soon as a chunk proves the update
     bad (wrong layout, NaN, too many bytes), so a bad update costs no more than its bytes.
 
-    A chunk fed with ``spill=True`` is checked all the same, then written to an anonymous
-    temporary file instead of being kept: the caller's way to bound the memory that many
-    uploads arriving at once hold, without making any of them wait. The update
-    :meth:`finish` returns reads those pieces back from the file when it is folded.
+    A chunk fed with a ``spill`` file is checked all the same, then written to that file
+    instead of being kept: the caller's way to bound the memory that many uploads arriving at
+    once hold, without making any of them wait. The update :meth:`finish` returns reads
+    those pieces back from the file when it is folded.
     """
 
     def __init__(self, layout: FlatLayout, metas: list[transport.TensorMeta]) -> None:
@@ -137,7 +138,8 @@ class UpdateReader:
         self._names = names
         self._stream = transport.StreamReader(metas)
         self._pieces: list[tuple[Span, int, Tensor | _Spilled]] = []
-        self._spill: BinaryIO | None = None
+        self._spill: SpillFile | None = None
+        self._regions: list[tuple[int, int]] = []
         self.held = 0
         """Bytes of received chunks held in memory."""
 
@@ -145,11 +147,18 @@ class UpdateReader:
     def received(self) -> int:
         return self._stream.received
 
-    def feed(self, chunk: bytes | memoryview, *, spill: bool = False) -> None:
+    def feed(self, chunk: bytes | memoryview, spill: SpillFile | None = None) -> None:
         try:
             pieces = self._stream.feed(chunk)
         except transport.TransportError as error:
             raise UpdateRejected(str(error)) from None
+        # Where the chunk goes in the spill file: pieces are found by their stream position.
+        shift = 0
+        if spill is not None:
+            self._spill = spill
+            position = spill.write(chunk)
+            self._regions.append((position, len(chunk)))
+            shift = position - (self._stream.received - len(chunk))
         for piece in pieces:
             target = self._targets[piece.index]
             if not isinstance(target, Span):
@@ -157,16 +166,12 @@ class UpdateReader:
                 target.view(-1)[piece.start:piece.start + count].copy_(piece.values)
                 continue
             _check_finite(piece.values)
-            if spill and piece.position is not None:
+            if spill is not None and piece.position is not None:
                 self._pieces.append((target, piece.start, _Spilled(
-                    piece.position, piece.values.numel(), piece.values.dtype)))
+                    piece.position + shift, piece.values.numel(), piece.values.dtype)))
             else:
                 self._pieces.append((target, piece.start, piece.values))
-        if spill:
-            if self._spill is None:
-                self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish or close
-            os.pwrite(self._spill.fileno(), chunk, self._stream.received - len(chunk))
-        else:
+        if spill is None:
             self.held += len(chunk)
 
     def finish(self) -> ReceivedUpdate:
@@ -176,14 +181,16 @@ class UpdateReader:
             raise UpdateRejected(str(error)) from None
         others = {name: target for name, target in zip(self._names, self._targets, strict=True)
                   if isinstance(target, Tensor)}
-        update = ReceivedUpdate(self._pieces, others, self._spill)
-        self._spill = None
+        update = ReceivedUpdate(self._pieces, others, self._spill, self._regions)
+        self._regions = []
         return update
 
     def close(self) -> None:
-        """Drop the spill file of an update that will not be finished."""
+        """Release what an update that will not be finished holds in the spill file."""
         if self._spill is not None:
-            self._spill.close()
+            for position, size in self._regions:
+                self._spill.release(position, size)
+            self._regions = []
 
 
 class Fold(ABC):
