@@ -80,8 +80,6 @@ CONFIG_POLL_SECONDS = 2.0
 #: stays at three models (the global one, the accumulator and this) plus the round's
 #: serialized model while it is being sent, whatever the number of clients.
 UPLOAD_MEMORY_MODELS = 1
-#: ...but never less than this: small models' uploads need not touch the file.
-UPLOAD_MEMORY_FLOOR = 64 << 20
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
 #: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
 UPLOAD_IDLE_SECONDS = 10.0
@@ -349,8 +347,7 @@ class Aggregator:
             reader = state.aggregation.reader(metas)
         except UpdateRejected as error:
             return error.reason
-        budget = max(UPLOAD_MEMORY_MODELS * sum(meta.nbytes for meta in metas),
-                     UPLOAD_MEMORY_FLOOR)
+        budget = UPLOAD_MEMORY_MODELS * sum(meta.nbytes for meta in metas)
         queued = False
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
