@@ -105,6 +105,14 @@ class Client:
         self.channel = grpc.secure_channel(endpoint.address, credentials, options=options) \
             if credentials is not None else grpc.insecure_channel(endpoint.address, options)
         self.stub = pb_grpc.FederationStub(self.channel)
+        # The model's chunks travel without protobuf objects: received data is a view of the
+        # bytes gRPC delivered, and sent data is serialized straight from the tensors.
+        self._pull_task = self.channel.unary_stream(
+            protocol.method("PullTask"), request_serializer=pb.PullTaskRequest.SerializeToString,
+            response_deserializer=_decode_task_chunk)
+        self._push_update = self.channel.stream_unary(
+            protocol.method("PushUpdate"), request_serializer=protocol.serialize_chunk,
+            response_deserializer=pb.PushUpdateReply.FromString)
         self.client_id = ""
         self.spec = spec
         self._model: torch.nn.Module | None = None
@@ -172,17 +180,17 @@ class Client:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((protocol.CLIENT_ID_KEY, self.client_id),)
 
-    def _receive_model(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+    def _receive_model(self, header: pb.TaskHeader, chunks: Iterator[_TaskItem]) -> None:
         """Load the streamed global model into the local one."""
         assert self._model is not None
         metas = protocol.from_specs(header.tensors)
         if self._buffer is None or transport.manifest(self._buffer) != metas:
             self._buffer = transport.allocate(metas)
-        received = transport.assemble(metas, protocol.data_chunks(chunks), out=self._buffer)
+        received = transport.assemble(metas, _data(chunks), out=self._buffer)
         state = self._model.state_dict()
         self._model.load_state_dict({k: v.to(state[k].dtype) for k, v in received.items()})
 
-    def _evaluate(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+    def _evaluate(self, header: pb.TaskHeader, chunks: Iterator[_TaskItem]) -> None:
         """Federated evaluation: the global model on this client's own validation data."""
         self._receive_model(header, chunks)
         assert self._model is not None
@@ -199,7 +207,7 @@ class Client:
                  "accuracy %.4f", header.round, result.num_examples, result.loss,
                  result.accuracy)
 
-    def _train(self, header: pb.TaskHeader, chunks: Iterator[pb.TaskChunk]) -> None:
+    def _train(self, header: pb.TaskHeader, chunks: Iterator[_TaskItem]) -> None:
         assert self._model is not None
         self._receive_model(header, chunks)
         assert self.index is not None
@@ -213,12 +221,12 @@ class Client:
             metrics={k: float(v) for k, v in result.metrics.items()},
             tensors=protocol.to_specs(transport.manifest(wire)))
 
-        def messages() -> Iterator[pb.UpdateChunk]:
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=update_header)
-            for data in transport.iter_chunks(wire, self._spec.transport.chunk_bytes):
-                yield pb.UpdateChunk(data=data)
+            for view in transport.chunk_views(wire, self._spec.transport.chunk_bytes):
+                yield protocol.data_message(view)
 
-        reply = self.stub.PushUpdate(messages(), metadata=self._metadata())
+        reply = self._push_update(messages(), metadata=self._metadata())
         status = pb.PushUpdateReply.Status.Name(reply.status).lower()
         log.info("round %d: trained on %d examples %s; update %s%s", header.round,
                  result.num_examples, result.metrics, status,
@@ -226,10 +234,11 @@ class Client:
 
     def _step(self) -> bool:
         """One poll (and maybe one round of training); False once the job is finished."""
-        stream = self.stub.PullTask(pb.PullTaskRequest(wait_seconds=POLL_SECONDS),
-                                    metadata=self._metadata(), timeout=POLL_SECONDS + 30)
-        first = next(stream)
-        header = first.header
+        stream = self._pull_task(pb.PullTaskRequest(wait_seconds=POLL_SECONDS),
+                                 metadata=self._metadata(), timeout=POLL_SECONDS + 30)
+        header = next(stream)
+        if not isinstance(header, pb.TaskHeader):
+            raise transport.TransportError("the aggregator's answer did not start with a header")
         if header.action == pb.TaskHeader.FINISHED:
             return False
         if header.action == pb.TaskHeader.TRAIN:
@@ -265,6 +274,21 @@ class Client:
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
             self.channel.close()
+
+
+_TaskItem = pb.TaskHeader | memoryview
+
+
+def _decode_task_chunk(raw: bytes) -> _TaskItem:
+    return protocol.decode_chunk(raw, pb.TaskHeader)
+
+
+def _data(items: Iterator[_TaskItem]) -> Iterator[memoryview]:
+    """The data that follows a task's header; a second header is a protocol error."""
+    for item in items:
+        if not isinstance(item, memoryview):
+            raise transport.TransportError("expected a data chunk, got another header")
+        yield item
 
 
 def seed_round(seed: int, round_: int, index: int) -> None:

@@ -121,3 +121,15 @@ def decode_chunk(raw: bytes, header_type: type[M]) -> M | memoryview:
     if found is None:
         raise DecodeError("the chunk holds neither a header nor data")
     return found
+
+
+def serialize_chunk(message: Message | bytes) -> bytes:
+    """A chunk message for gRPC: data chunks come serialized already (:func:`data_message`),
+    headers do not."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def method(name: str) -> str:
+    """The gRPC path of a method of the Federation service."""
+    service = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+    return f"/{service}/{name}"

@@ -53,11 +53,6 @@ def _decode_update_chunk(raw: bytes) -> _Chunk:
     return chunk
 
 
-def _serialize_task_chunk(message: pb.TaskChunk | bytes) -> bytes:
-    """Data chunks come serialized already (:func:`protocol.data_message`), headers do not."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
 async def _data_chunks(messages: AsyncIterator[_Chunk]) -> AsyncIterator[memoryview]:
     """The data payloads that follow a header; a second header is a protocol error."""
     async for message in messages:
@@ -77,7 +72,7 @@ def add_to_server(servicer: FederationServicer, server: grpc.aio.Server) -> None
             response_serializer=pb.JoinReply.SerializeToString),
         "PullTask": grpc.unary_stream_rpc_method_handler(
             servicer.PullTask, request_deserializer=pb.PullTaskRequest.FromString,
-            response_serializer=_serialize_task_chunk),
+            response_serializer=protocol.serialize_chunk),
         "PushUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.PushUpdate, request_deserializer=_decode_update_chunk,
             response_serializer=pb.PushUpdateReply.SerializeToString),

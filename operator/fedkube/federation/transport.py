@@ -246,7 +246,7 @@ class StreamReader:
                                  "bytes")
 
 
-def assemble(metas: list[TensorMeta], chunks: Iterable[bytes],
+def assemble(metas: list[TensorMeta], chunks: Iterable[bytes | memoryview],
              out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Fill the tensors of a manifest from its byte chunks, whatever their boundaries.
 
