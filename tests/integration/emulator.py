@@ -33,6 +33,7 @@ from kmock._internal.apps import Server
 
 from fedkube.api.constants import LABEL_JOB, PLURAL
 from fedkube.api.crd import build_crd
+from fedkube.controller.cache import CORE_KINDS
 from fedkube.controller.handlers import Controller
 from fedkube.controller.metrics import OperatorMetrics
 from fedkube.controller.operator import OperatorOptions, serve
@@ -125,6 +126,8 @@ class FedkubeEmulator(kmock.KubernetesEmulator):
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:10]
                 meta.setdefault("uid", str(uuid.uuid4()))
+                if request.namespace:  # as the API server does (watchers key on it)
+                    meta.setdefault("namespace", request.namespace)
                 meta.setdefault("creationTimestamp", datetime.now(UTC).isoformat())
                 meta["generation"] = 1
                 meta["resourceVersion"] = str(next(self._versions))
@@ -322,7 +325,8 @@ class EmulatorThread:
         return asyncio.run_coroutine_threadsafe(count(), loop).result(timeout=30)
 
     def watching(self, since: int = 0) -> bool:
-        """True once jobs and pods are watched by requests after the first ``since``."""
+        """True once jobs and every cached child kind are watched by requests after the
+        first ``since``."""
         assert self.emulator is not None
         return _watching(self.emulator, since)
 
@@ -384,7 +388,7 @@ def _watching(emulator: FedkubeEmulator, seen: int) -> bool:
     Only requests after the first ``seen`` count (an earlier operator's do not)."""
     watched = {str(r.resource.plural) for r in emulator._requests[seen:]
                if r.action == enums.action.WATCH and r.resource is not None}
-    return {PLURAL, "pods"} <= watched
+    return {PLURAL, *(plural for _, _, plural in CORE_KINDS.values())} <= watched
 
 
 async def wait_until(check: Callable[[], T | Awaitable[T]], *, what: str,

@@ -313,6 +313,49 @@ async def test_hundred_jobs_all_reconciled(env: Any) -> None:
         await wait_until(lambda: _all_have_status(cluster), what="every job's status")
 
 
+async def test_a_steady_job_costs_no_api_requests(env: Any) -> None:
+    """The operator's view of jobs and children comes from watch-fed caches: once a running
+    job settles, its resync passes (every 0.3 s here) neither read nor write the API server;
+    only the watch streams stay open."""
+    emulator, cluster, status, metrics, url = env
+    status.report = {"phase": "Running", "round": 1, "rounds": 3, "clientsConnected": 3,
+                     "metrics": {"loss": 0.5}}
+    async with running_operator(emulator, operator_settings(url, status.url), metrics):
+        await cluster.create_job("steady", SPEC)
+        await wait_until(lambda: _len_at_least(cluster.pods("steady"), 4), what="pods")
+        await run_pods(cluster, "steady")
+        await wait_until(lambda: _round(cluster, "steady", 1), what="running, round 1")
+        settled = _QuietWindow(emulator, metrics, window=3)
+        await wait_until(settled.quiet, what="3 passes in a row without API requests")
+        # Then many more passes (several resyncs) cost nothing either.
+        mark, start = len(emulator._requests), passes(metrics)
+        await wait_until(lambda: passes(metrics) >= start + 10, what="10 more passes")
+        assert _api_calls(emulator, mark) == []
+
+
+class _QuietWindow:
+    """Truthy once ``window`` passes in a row made no API request (besides watches)."""
+
+    def __init__(self, emulator: FedkubeEmulator, metrics: OperatorMetrics, window: int) -> None:
+        self.emulator, self.metrics, self.window = emulator, metrics, window
+        self.mark, self.start = len(emulator._requests), passes(metrics)
+
+    def quiet(self) -> bool:
+        if passes(self.metrics) < self.start + self.window:
+            return False
+        if not _api_calls(self.emulator, self.mark):
+            return True
+        self.mark, self.start = len(self.emulator._requests), passes(self.metrics)
+        return False
+
+
+def _api_calls(emulator: FedkubeEmulator, since: int) -> list[str]:
+    """The requests after the first ``since``, but for watches: method and path."""
+    from kmock._internal import enums
+    return [f"{r.method} {r.url}" for r in emulator._requests[since:]
+            if r.action != enums.action.WATCH]
+
+
 def passes(metrics: OperatorMetrics) -> float:
     """Reconcile passes finished so far."""
     return sum(metric(metrics, "fedkube_operator_reconcile_total", {"result": result})
@@ -393,11 +436,11 @@ def _creates(emulator: FedkubeEmulator) -> int:
 
 
 async def test_throttling_and_server_errors_are_retried_not_failed(env: Any) -> None:
-    """The API server throttles the job GET (429), fails pod creates (503, 500) and a status
-    patch (500): each call is retried with backoff, the pass still completes, and nothing is
-    created twice."""
+    """The API server throttles the ConfigMap create (429), fails pod creates (503, 500) and
+    a status patch (500): each call is retried with backoff, the pass still completes, and
+    nothing is created twice."""
     emulator, cluster, status, metrics, url = env
-    faults = [emulator.inject(Fault("FETCH", "federatedjobs", 429, times=2)),
+    faults = [emulator.inject(Fault("CREATE", "configmaps", 429, times=2)),
               emulator.inject(Fault("CREATE", "pods", 503, times=2)),
               emulator.inject(Fault("CREATE", "pods", 500, times=1)),
               emulator.inject(Fault("UPDATE", "federatedjobs", 500, times=1,

@@ -27,6 +27,15 @@ from fedkube.api import GROUP, KIND, PLURAL, VERSION, FederatedJob
 from fedkube.api.constants import LABEL_JOB
 from fedkube.api.runtime import AggregatorReport
 from fedkube.controller import builders
+from fedkube.controller.cache import (
+    CORE_KINDS,
+    JOB_KIND,
+    JOB_RESOURCE,
+    OPTIONAL_KINDS,
+    ObjectCache,
+    index_id,
+    slim,
+)
 from fedkube.controller.kube import Kube
 from fedkube.controller.metrics import OperatorMetrics
 from fedkube.controller.reconcile import (
@@ -69,6 +78,8 @@ class Controller:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     """The resync loop and every running pass, for :meth:`stop` to cancel."""
     resyncing: bool = False
+    cache: ObjectCache = field(default_factory=ObjectCache)
+    """The jobs and their children, from kopf's watch-fed indices: a pass reads no API."""
 
     def start_resync(self) -> None:
         """Start the resync loop unless it runs. Called from a resource handler: the loop
@@ -92,6 +103,7 @@ class Controller:
         pods and the aggregator's progress change without any watch event."""
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
+            self.cache.purge()
             for namespace, name in list(self.jobs):
                 self.trigger(namespace, name)
 
@@ -131,13 +143,14 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         self.jobs.pop((namespace, name), None)
+        self.cache.forget(namespace, name)
         self.metrics.set_phase(namespace, name, None)
 
     async def reconcile_once(self, namespace: str, name: str) -> None:
         kube = self.kube
         if kube is None:
             return  # the operator is exiting
-        body = await kube.get(KIND, namespace, name)
+        body = self.cache.job(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
             return
@@ -154,12 +167,18 @@ class Controller:
         await self.perform(kube, body, job, decision)
 
     async def observe(self, kube: Kube, job: FederatedJob) -> Observed:
-        pods, secrets = await asyncio.gather(
-            kube.list("Pod", job.namespace, {LABEL_JOB: job.name}),
-            kube.list("Secret", job.namespace, {LABEL_JOB: job.name}))
+        cache = self.cache
+        pods = cache.objects("Pod", job.namespace, job.name)
+        secrets = cache.objects("Secret", job.namespace, job.name)
         wanted = [(m["kind"], m["metadata"]["name"]) for m in builders.support_objects(job)]
-        found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in wanted))
-        bodies = dict(zip(wanted, found, strict=True))
+        cached = {(kind, o["metadata"]["name"]): o
+                  for kind in {kind for kind, _ in wanted if cache.caches(kind)}
+                  for o in cache.objects(kind, job.namespace, job.name)}
+        # Kinds without a cache (Certificates, PodGroups whose RBAC may not allow a watch)
+        # are read by name, as before.
+        read = [key for key in wanted if not cache.caches(key[0])]
+        found = await asyncio.gather(*(kube.get(kind, job.namespace, n) for kind, n in read))
+        bodies = {key: cached.get(key) for key in wanted} | dict(zip(read, found, strict=True))
         support = frozenset(key for key, obj in bodies.items() if obj)
         config_map = bodies.get(("ConfigMap", builders.configmap_name(job.name)))
         config = (config_map.get("data") or {}) if config_map else None
@@ -186,7 +205,8 @@ class Controller:
         async def create(manifest: dict[str, Any]) -> None:
             async with limit:
                 try:
-                    await kube.create(manifest)
+                    self.cache.wrote(job.namespace, job.name, manifest["kind"],
+                                     await kube.create_object(manifest))
                 except Exception as error:
                     kopf.warn(_as_body(body), reason="CreateFailed",
                               message=f"cannot create {manifest['kind']} "
@@ -204,9 +224,11 @@ class Controller:
         await self.write_status(kube, body, job, decision)
         for action in decision.actions:
             if isinstance(action, Update):
-                await kube.merge_patch(action.kind, job.namespace, action.name, action.patch)
+                self.cache.wrote(job.namespace, job.name, action.kind, await kube.merge_patch(
+                    action.kind, job.namespace, action.name, action.patch))
             elif isinstance(action, Delete):
                 await kube.delete(action.kind, job.namespace, action.name)
+                self.cache.deleted(job.namespace, job.name, action.kind, action.name)
             elif isinstance(action, Event):
                 kopf.event(_as_body(body), type=action.type, reason=action.reason,
                            message=action.message)
@@ -215,6 +237,7 @@ class Controller:
         self.record_metrics(job, decision)
         if any(isinstance(a, DeleteJob) for a in decision.actions):
             await kube.delete(KIND, job.namespace, job.name)
+            self.cache.deleted(job.namespace, job.name, JOB_KIND, job.name)
             self.forget(job.namespace, job.name)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -233,12 +256,13 @@ class Controller:
                            decision: Decision) -> None:
         status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
         if status != _own_status(body):
-            await kube.merge_patch(KIND, job.namespace, job.name, {"status": status},
-                                   subresource="status")
+            self.cache.wrote(job.namespace, job.name, JOB_KIND, await kube.merge_patch(
+                KIND, job.namespace, job.name, {"status": status}, subresource="status"))
         annotations = body["metadata"].get("annotations") or {}
         if annotations.get(ANNOTATION_ACCEPTED_SPEC) != decision.accepted_spec_hash:
-            await kube.merge_patch(KIND, job.namespace, job.name, {"metadata": {"annotations": {
-                ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec_hash}}})
+            self.cache.wrote(job.namespace, job.name, JOB_KIND, await kube.merge_patch(
+                KIND, job.namespace, job.name, {"metadata": {"annotations": {
+                    ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec_hash}}}))
 
 
 def _own_status(body: dict[str, Any]) -> dict[str, Any]:
@@ -288,9 +312,32 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
             if task.get_name().startswith("pause-waiter for "):
                 task.cancel()
 
+    # The watch-fed caches a pass reads (see fedkube.controller.cache). kopf runs no
+    # handler before every index has its first listing, so a pass never sees an empty cache
+    # for a kind that has objects.
+    @kopf.index(*JOB_RESOURCE, id=index_id(JOB_KIND), registry=registry)
+    def index_job(namespace: str | None, name: str, body: kopf.Body,
+                  **_: Any) -> dict[tuple[str | None, str], dict[str, Any]]:
+        return {(namespace, name): slim(body)}
+
+    def index_children(kind: str, group: str, version: str, plural: str) -> None:
+        def index_child(namespace: str | None, labels: Mapping[str, str], body: kopf.Body,
+                        **_: Any) -> dict[tuple[str | None, str], dict[str, Any]]:
+            return {(namespace, labels[LABEL_JOB]): slim(body)}
+
+        kopf.index(group, version, plural, id=index_id(kind), labels={LABEL_JOB: kopf.PRESENT},
+                   registry=registry)(index_child)
+
+    optional = {"Certificate": controller.settings.watch_certificates,
+                "PodGroup": controller.settings.watch_podgroups}
+    for kind, (group, version, plural) in {
+            **CORE_KINDS, **{k: v for k, v in OPTIONAL_KINDS.items() if optional[k]}}.items():
+        index_children(kind, group, version, plural)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def job_event(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    async def job_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
         assert namespace is not None, "FederatedJobs are namespaced"
+        controller.cache.bind(kwargs)
         if type == "DELETED":
             controller.forget(namespace, name)
             return
@@ -298,8 +345,10 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         controller.trigger(namespace, name)
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def pod_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    async def pod_event(labels: Mapping[str, str], namespace: str | None,
+                        **kwargs: Any) -> None:
         assert namespace is not None, "pods are namespaced"
+        controller.cache.bind(kwargs)
         controller.trigger(namespace, labels[LABEL_JOB])
 
 

@@ -36,23 +36,26 @@ def _resource(prefix: str, plural: str, *verbs: str, status: tuple[str, ...] = (
     return Resource(prefix, plural, frozenset(verbs), frozenset(status))
 
 
-#: Everything the operator reads or writes through :class:`Kube` (kopf's own watches and
-#: peering are kopf's business).
+#: Everything the operator reads or writes through :class:`Kube`, and the kinds its kopf
+#: indices watch (``list``, ``watch``: the operator's view of a job's children is served from
+#: those watch-fed caches; see :mod:`fedkube.controller.cache`). kopf's own watch of the jobs
+#: and its peering are kopf's business.
 RESOURCES: dict[str, Resource] = {
     "ClusterKopfPeering": _resource("/apis/kopf.dev/v1", "clusterkopfpeerings", "get", "create"),
     "KopfPeering": _resource("/apis/kopf.dev/v1", "kopfpeerings", "get", "create"),
-    "Pod": _resource("/api/v1", "pods", "list", "create", "delete"),
-    "ConfigMap": _resource("/api/v1", "configmaps", "get", "create", "patch", "delete"),
-    "Secret": _resource("/api/v1", "secrets", "list", "create", "patch", "delete"),
-    "Service": _resource("/api/v1", "services", "get", "create", "delete"),
+    "Pod": _resource("/api/v1", "pods", "list", "watch", "create", "delete"),
+    "ConfigMap": _resource("/api/v1", "configmaps", "get", "list", "watch", "create", "patch",
+                           "delete"),
+    "Secret": _resource("/api/v1", "secrets", "list", "watch", "create", "patch", "delete"),
+    "Service": _resource("/api/v1", "services", "get", "list", "watch", "create", "delete"),
     "PersistentVolumeClaim": _resource("/api/v1", "persistentvolumeclaims",
-                                       "get", "create", "delete"),
+                                       "get", "list", "watch", "create", "delete"),
     "NetworkPolicy": _resource("/apis/networking.k8s.io/v1", "networkpolicies",
-                               "get", "create", "delete"),
+                               "get", "list", "watch", "create", "delete"),
     "PodGroup": _resource("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups",
-                          "get", "create", "delete"),
+                          "get", "list", "watch", "create", "delete"),
     "Certificate": _resource("/apis/cert-manager.io/v1", "certificates",
-                             "get", "create", "delete"),
+                             "get", "list", "watch", "create", "delete"),
     "FederatedJob": _resource(f"/apis/{API_VERSION}", PLURAL, "get", "patch", "delete",
                               status=("patch",)),
 }
@@ -179,10 +182,13 @@ class Kube:
 
     async def create(self, manifest: dict[str, Any]) -> bool:
         """Create; False when it already exists (409), which is as good as created."""
+        return await self.create_object(manifest) is not None
+
+    async def create_object(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Create; the object as created, or None when it already existed (409)."""
         meta = manifest["metadata"]
         url = self.url("create", manifest["kind"], meta.get("namespace"))
-        created = await self._request("POST", url, ok=(409,), json=manifest)
-        return created is not None
+        return await self._request("POST", url, ok=(409,), json=manifest)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete (in the background); False when it was already gone (404)."""
@@ -193,11 +199,11 @@ class Kube:
         return deleted is not None
 
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any],
-                          subresource: str | None = None) -> None:
-        await self._request("PATCH", self.url("patch", kind, namespace, name, subresource),
-                            ok=(404,),
-                            json=patch,
-                            headers={"Content-Type": "application/merge-patch+json"})
+                          subresource: str | None = None) -> dict[str, Any] | None:
+        """Merge-patch; the object as patched, or None when it does not exist (404)."""
+        return await self._request(
+            "PATCH", self.url("patch", kind, namespace, name, subresource), ok=(404,),
+            json=patch, headers={"Content-Type": "application/merge-patch+json"})
 
     async def fetch_json(self, url: str, timeout: float) -> dict[str, Any] | None:
         """GET a JSON document from a pod (the aggregator's /status); None when unreachable."""

@@ -23,6 +23,12 @@ class ControllerSettings:
     """Children created at once for one job."""
     kube_server: str | None = None
     """API server URL to use instead of in-cluster/kubeconfig login (development, tests)."""
+    watch_certificates: bool = False
+    """Cache cert-manager Certificates from a watch (needs list/watch on them: the chart's
+    ``rbac.certManager``); otherwise a pass of a CertManager job reads them by name."""
+    watch_podgroups: bool = False
+    """Cache PodGroups from a watch (the chart's ``rbac.gangScheduling``); otherwise a pass
+    of a gang-scheduled job reads its PodGroup by name."""
 
     @classmethod
     def from_env(cls) -> ControllerSettings:
@@ -35,7 +41,13 @@ class ControllerSettings:
             create_concurrency=int(env.get("FEDKUBE_CREATE_CONCURRENCY",
                                            cls.create_concurrency)),
             kube_server=env.get("FEDKUBE_KUBE_SERVER") or None,
+            watch_certificates=_flag(env.get("FEDKUBE_WATCH_CERTIFICATES")),
+            watch_podgroups=_flag(env.get("FEDKUBE_WATCH_PODGROUPS")),
         )
 
     def aggregator_status_url(self, service: str, namespace: str, port: int) -> str:
         return self.status_url.format(service=service, namespace=namespace, port=port)
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
