@@ -7,10 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
 import psutil
+import pytest
 from runtime_support import ENV, status, wait_for
 
 from fedkube.federation import checkpoint
@@ -29,12 +31,38 @@ spec:
 """
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+def _interruptible() -> None:
+    """Ctrl-C as at a terminal: a shell runs background jobs with SIGINT ignored, and a
+    process that starts with SIGINT ignored never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fedkube_run(tmp_path: Path, *args: str, job_text: str = JOB) -> subprocess.Popen[str]:
     job = tmp_path / "job.yaml"
     job.write_text(job_text)
-    return subprocess.Popen([sys.executable, "-m", "fedkube.cli", "run", str(job), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV, cwd=tmp_path, start_new_session=True)
+    run = subprocess.Popen([sys.executable, "-m", "fedkube.cli", "run", str(job), *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=ENV, cwd=tmp_path, start_new_session=True,
+                           preexec_fn=_interruptible)
+    _started.append(run)
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    """A failed test's ``fedkube run`` and its children are killed, not left to run on."""
+    yield
+    while _started:
+        run = _started.pop()
+        with suppress(psutil.NoSuchProcess):
+            tree = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
+            for process in tree:
+                with suppress(psutil.NoSuchProcess):
+                    process.kill()
+        run.wait()
 
 
 def test_fedkube_run_writes_model_history_and_plot(tmp_path: Path) -> None:
