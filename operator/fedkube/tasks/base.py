@@ -104,7 +104,8 @@ class Task(Protocol):
         self, model: torch.nn.Module, config: Mapping[str, Any], *, device: torch.device
     ) -> EvalResult | None:
         """Loss and accuracy of ``model`` on the task's central test set, on the aggregator;
-        None when the task has none (the data stays at the sites)."""
+        None when the task has none (the data stays at the sites). ``model`` holds the global
+        model's own tensors (no copy is made for evaluation): evaluate it, do not change it."""
         ...
 
 
