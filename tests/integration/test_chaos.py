@@ -26,7 +26,9 @@ from runtime_support import make_config, processes, status, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 CLIENTS = 3
-TASK = {"hidden": 16, "lr": 0.1, "localEpochs": 3}
+#: Enough local epochs that a round takes a few tenths of a second: the faults are timed by
+#: the job's progress, and rounds of a few milliseconds would outrun them.
+TASK = {"hidden": 16, "lr": 0.1, "localEpochs": 30}
 
 
 def _job(tmp_path: Path, rounds: int) -> Path:
@@ -59,14 +61,18 @@ def run(tmp_path: Path, rounds: int, faults: int, seed: int,
     config = _job(tmp_path, rounds)
     injected: list[str] = []
     # Each fault strikes during a random round (leaving a few to go, so that the job cannot
-    # end first), at a random moment of it: a round of this task takes about a second.
-    moments = sorted(rng.randrange(rounds - 3) for _ in range(faults))
+    # end first), at a random moment of it.
+    moments = sorted(rng.randrange(rounds - 4) for _ in range(faults))
     with processes(tmp_path) as group:
         running = {"aggregator": group.aggregator(config)}
         for index in range(CLIENTS):
             running[f"client-{index}"] = group.client(config, index)
         for moment in moments:
-            wait_for(lambda m=moment: _round(config) >= m, 300, f"round {moment}")
+            aggregator = running["aggregator"]
+            wait_for(lambda m=moment, a=aggregator: _round(config) >= m or a.poll() is not None,
+                     300, f"round {moment}")
+            if aggregator.poll() is not None:
+                break  # the job ended first: the assertion below says so
             with contextlib.suppress(subprocess.TimeoutExpired):
                 running["aggregator"].wait(timeout=rng.uniform(0.0, 0.8))
             target = rng.choice(sorted(running))
