@@ -135,6 +135,31 @@ def test_operator_args_are_options_of_fedkube_operator(chart: ModuleType) -> Non
     assert flags <= options, f"unknown flags {sorted(flags - options)}"
 
 
+@pytest.mark.parametrize(("value", "setting", "resource"), [
+    ("rbac.certManager", "watch_certificates", "certificates"),
+    ("rbac.gangScheduling", "watch_podgroups", "podgroups")])
+def test_optional_children_are_watched_when_rbac_allows_it(chart: ModuleType, value: str,
+                                                           setting: str, resource: str) -> None:
+    """With the rights to list and watch a kind, the operator is told to cache it from a
+    watch (it would read each job's object on every pass otherwise); without them, it must
+    not watch (a watch it has no rights for fails forever)."""
+    from fedkube.controller.settings import ControllerSettings
+
+    def settings(*set_values: str) -> tuple[ControllerSettings, set[tuple[str, str, str]]]:
+        docs = _render(chart, *set_values)
+        env = {e["name"]: e["value"] for e in _container(docs)["env"] if "value" in e}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, val in env.items():
+                patch.setenv(name, val)
+            return ControllerSettings.from_env(), _rules(_one(docs, "ClusterRole"))
+
+    on, rules = settings(f"{value}=true")
+    assert getattr(on, setting)
+    assert {"list", "watch"} <= {verb for _, name, verb in rules if name == resource}
+    off, _ = settings(f"{value}=false")
+    assert not getattr(off, setting)
+
+
 def test_operator_pods_carry_the_labels_job_network_policies_admit(chart: ModuleType) -> None:
     """Each job's NetworkPolicy lets the operator poll /status by these pod labels."""
     from fedkube.controller.builders import OPERATOR_POD_LABELS

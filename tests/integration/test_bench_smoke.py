@@ -28,3 +28,8 @@ def test_the_fold_bench_runs() -> None:
 
 def test_the_scale_bench_runs() -> None:
     assert "clients" in _bench("hack/bench_aggregator_scale.py", "--quick")
+
+
+def test_the_operator_bench_runs() -> None:
+    out = _bench("hack/bench_operator.py", "--quick")
+    assert "API requests/min" in out and "reconcile pass latency" in out
