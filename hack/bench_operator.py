@@ -99,6 +99,11 @@ def _calls(emulator: FedkubeEmulator, since: int) -> collections.Counter[str]:
         for r in emulator._requests[since:] if r.action != enums.action.WATCH)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -172,7 +177,8 @@ async def scale_scenario(jobs: int, replicas: int, window: float, resync: float)
                     async with limit:
                         await cluster.create_job(f"scale-{i}", spec)
 
-                start = time.perf_counter()
+                start, emulator_cpu = time.perf_counter(), time.process_time()
+                operator_cpu = _cpu_seconds(process.pid)
                 await asyncio.gather(*(create(i) for i in range(jobs)))
                 await _wait(lambda: _count(emulator, "pods") >= jobs * (replicas + 1)
                             and _count(emulator, "services") >= jobs
@@ -181,6 +187,8 @@ async def scale_scenario(jobs: int, replicas: int, window: float, resync: float)
                 children = time.perf_counter() - start
                 await _wait(lambda: _all_have_status(emulator), "every job's status", 120)
                 statused = time.perf_counter() - start
+                operator_cpu = _cpu_seconds(process.pid) - operator_cpu
+                emulator_cpu = time.process_time() - emulator_cpu
                 # Settled: two resyncs past the last status write.
                 await asyncio.sleep(2 * resync)
                 mark, before = len(emulator._requests), await _buckets(session, port)
@@ -205,7 +213,8 @@ async def scale_scenario(jobs: int, replicas: int, window: float, resync: float)
               f"resync {resync:g} s:")
         print(f"  all children ({jobs * (replicas + 1)} pods, {jobs} ConfigMaps, Services, "
               f"Secrets) exist {children:.1f} s after the first create; every status "
-              f"written at {statused:.1f} s")
+              f"written at {statused:.1f} s; CPU meanwhile: operator {operator_cpu:.0f} s, "
+              f"emulator and this script {emulator_cpu:.0f} s")
         print(f"  steady state over {elapsed:.0f} s: {calls * 60 / elapsed:.1f} API requests/min "
               f"({calls} requests; {watches} watch (re)connects); before the watch caches: "
               f"~{BEFORE_PER_JOB_PER_RESYNC * jobs * 60 / resync:.0f}/min "

@@ -13,6 +13,7 @@ same delta the strategies step with.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -90,8 +91,9 @@ def check_num_examples(num_examples: int) -> None:
 def _check_finite(values: Tensor) -> None:
     # NaN and infinities propagate into the sum: one pass without a mask tensor, ~30x faster
     # than isfinite().all() on CPU. Values near float32's limit (~3e38), garbage in any model,
-    # are rejected besides, and so are float64 values that float32 cannot hold.
-    if not bool(torch.isfinite(values.sum(dtype=torch.float32))):
+    # are rejected besides, and so are float64 values that float32 cannot hold. The test is
+    # on the Python float: a tensor op and its bool() would double the cost on a chunk.
+    if not math.isfinite(values.sum(dtype=torch.float32).item()):
         raise UpdateRejected("the update holds NaN or infinite values")
 
 
@@ -223,10 +225,13 @@ class MeanFold(Fold):
             global_flat: Mapping[str, Tensor]) -> None:
         coefficient = weight * scale
         target = self._sum
+        # Pieces are chunk-sized: per-piece overhead counts, and .to() is not free on CPU.
+        move = target.device.type != "cpu"
         for span, start, values in update.values():
             offset = span.offset + start
-            target[offset:offset + values.numel()].add_(
-                values.to(target.device, non_blocking=True), alpha=coefficient)
+            if move:
+                values = values.to(target.device, non_blocking=True)
+            target[offset:offset + values.numel()].add_(values, alpha=coefficient)
         self._weight += weight
         self._coefficient += coefficient
 
