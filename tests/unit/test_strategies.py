@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedkube.federation import transport
 from fedkube.federation.spill import SpillFile
 from fedkube.federation.strategies import UpdateRejected, build_strategy
-from fedkube.federation.strategies.base import MeanFold
+from fedkube.federation.strategies.base import MeanFold, StackFold
 
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPES = {"w": (3, 4), "b": (4,)}
@@ -304,6 +304,38 @@ def test_fedavg_accumulator_does_not_grow_with_clients():
         )
 
     assert held_bytes(50) == held_bytes(5) == 4 * 100_000
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("fedmedian", {}), ("trimmedmean", {"trim_fraction": 0.2}),
+    ("krum", {"byzantine_clients": 1}), ("multikrum", {"byzantine_clients": 1})])
+def test_a_stack_beyond_its_memory_limit_is_mapped_from_a_file_with_the_same_result(name, params):
+    """Both folds run the same operations on the same values: bit-identical results."""
+    glob, updates = inputs(7, 6)
+    stack_bytes = 6 * 16 * 4
+
+    def run(limit):
+        agg = build_strategy(name, stack_memory_bytes=limit, **params).new_round(glob, 6)
+        for update in updates:
+            agg.add(update, 10)
+        fold = agg._fold
+        assert isinstance(fold, StackFold)
+        return fold, flat64(agg.result())
+
+    in_memory, expected = run(stack_bytes)
+    mapped, got = run(stack_bytes - 1)
+    assert (in_memory.mapped, mapped.mapped) == (False, True)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_stack_memory_limit_comes_from_the_aggregator_spec():
+    from fedkube.api import FederatedJobSpec
+    from fedkube.federation.strategies import build_strategy_from_spec
+
+    spec = FederatedJobSpec.model_validate({"aggregator": {"stackMemory": "3Mi"}})
+    assert build_strategy_from_spec(spec).stack_memory_bytes == 3 << 20
+    default = build_strategy_from_spec(FederatedJobSpec.model_validate({}))
+    assert default.stack_memory_bytes == 2 << 30
 
 
 @pytest.mark.gpu

@@ -248,6 +248,13 @@ class AggregatorSpec(RoleSpec):
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """How the aggregator's Service is exposed: inside the cluster, or to sites outside it."""
 
+    stack_memory: Quantity = "2Gi"
+    """Memory the robust strategies (fedmedian, trimmedmean, krum, multikrum) may take for a
+    round's updates, which they need all at once: sampled clients x parameters x 4 bytes. A
+    larger stack is kept in a memory-mapped file in the pod's ``/tmp`` instead, which the
+    kernel writes out under memory pressure rather than have the pod killed. Size the
+    aggregator's memory limit above this plus a few copies of the model."""
+
 
 class PartitioningSpec(ApiModel):
     """How a built-in task splits its dataset among clients (for simulation and benchmarks)."""

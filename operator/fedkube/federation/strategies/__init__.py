@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedkube.api import StrategyParams
+from fedkube.api.types import parse_quantity
 from fedkube.federation.strategies.adaptive import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedkube.federation.strategies.base import Round, Strategy
 from fedkube.federation.strategies.fedavg import FedAvg, FedProx
@@ -44,6 +45,7 @@ def build_strategy(
     clip_norm: float | None = None,
     noise_multiplier: float = 0.0,
     seed: int | None = None,
+    stack_memory_bytes: int | None = None,
     **params: Any,
 ) -> Strategy:
     """The strategy ``name`` with ``params`` (snake_case ``StrategyParams`` fields).
@@ -51,7 +53,8 @@ def build_strategy(
     Parameters a strategy does not use are accepted and ignored, as in the resource; their
     values are validated with the resource's own rules. ``clip_norm`` and
     ``noise_multiplier`` turn on central differential privacy; ``seed`` makes its noise
-    reproducible.
+    reproducible. The robust strategies keep a round's updates in a memory-mapped file when
+    they would take more than ``stack_memory_bytes`` (no limit when None).
     """
     if name not in STRATEGIES:
         raise ValueError(
@@ -74,6 +77,7 @@ def build_strategy(
         clip_norm=clip_norm,
         noise_multiplier=noise_multiplier,
         seed=seed,
+        stack_memory_bytes=stack_memory_bytes,
         **{field: getattr(values, field) for field in fields},
     )
 
@@ -88,6 +92,7 @@ def build_strategy_from_spec(
         clip_norm=spec.privacy.clip_norm,
         noise_multiplier=spec.privacy.noise_multiplier,
         seed=seed,
+        stack_memory_bytes=int(parse_quantity(spec.aggregator.stack_memory)),
         **spec.strategy.params.model_dump(by_alias=False),
     )
 

@@ -14,6 +14,8 @@ same delta the strategies step with.
 from __future__ import annotations
 
 import math
+import mmap
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -244,10 +246,27 @@ class MeanFold(Fold):
 
 
 class StackFold(Fold):
-    """All deltas of a round as rows of one preallocated ``[max_updates, size]`` tensor."""
+    """All deltas of a round as rows of one preallocated ``[max_updates, size]`` tensor.
 
-    def __init__(self, size: int, max_updates: int, device: torch.device, combine: Any) -> None:
-        self._rows = torch.empty((max_updates, size), dtype=torch.float32, device=device)
+    On the CPU, a stack larger than ``memory_limit`` bytes is a shared memory map of an
+    anonymous temporary file: its pages are the page cache's, which the kernel writes out
+    under memory pressure instead of failing the process, and the file is gone with the fold.
+    """
+
+    def __init__(self, size: int, max_updates: int, device: torch.device, combine: Any,
+                 memory_limit: int | None = None) -> None:
+        nbytes = max_updates * size * 4
+        self.mapped = (device.type == "cpu" and memory_limit is not None
+                       and nbytes > memory_limit)
+        """Whether the rows live in a memory-mapped file."""
+        if self.mapped:
+            with tempfile.TemporaryFile() as file:
+                file.truncate(nbytes)
+                # The map outlives the file object: it holds its own reference to the file.
+                rows = mmap.mmap(file.fileno(), nbytes)
+            self._rows = torch.frombuffer(rows, dtype=torch.float32).view(max_updates, size)
+        else:
+            self._rows = torch.empty((max_updates, size), dtype=torch.float32, device=device)
         self._count = 0
         self._combine = combine
 
@@ -371,6 +390,7 @@ class Strategy(ABC):
         clip_norm: float | None = None,
         noise_multiplier: float = 0.0,
         seed: int | None = None,
+        stack_memory_bytes: int | None = None,
     ) -> None:
         if noise_multiplier > 0 and clip_norm is None:
             raise ValueError(
@@ -381,6 +401,8 @@ class Strategy(ABC):
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.noise = GaussianNoise(device, seed)
+        self.stack_memory_bytes = stack_memory_bytes
+        """Beyond this, a round that keeps every update keeps them in a memory-mapped file."""
 
     @property
     def proximal_mu(self) -> float:

@@ -26,7 +26,7 @@ class _Stacked(Strategy):
     """Keeps a round's deltas stacked; subclasses combine the rows into one delta."""
 
     def new_fold(self, size: int, max_updates: int) -> Fold:
-        return StackFold(size, max_updates, self.device, self.combine)
+        return StackFold(size, max_updates, self.device, self.combine, self.stack_memory_bytes)
 
     @abstractmethod
     def combine(self, rows: Tensor) -> Tensor:
@@ -115,7 +115,12 @@ class Krum(_Stacked):
         if n == 1:
             return rows[0].clone()
         best = krum_scores(rows, self.byzantine).topk(self.selected(n), largest=False).indices
-        return rows[best].mean(dim=0)
+        # Summed a row at a time: rows[best] would copy the selected rows, nearly the whole
+        # stack for Multi-Krum, out of a memory-mapped one.
+        total = torch.zeros_like(rows[0])
+        for index in best.tolist():
+            total.add_(rows[index])
+        return total.div_(len(best))
 
 
 class MultiKrum(Krum):
