@@ -5,7 +5,9 @@ fedkube (``.venv``) and by Flower's ``flwr.server.strategy.aggregate`` (``.venv-
 protobuf pin conflicts with ours), each measurement in a fresh single-threaded subprocess.
 Printed are ratios, fedkube / Flower, of the best wall time and of the extra peak RSS that
 the aggregation needs on top of the loaded inputs. Then FedAvg's whole-process peak RSS when
-50 rather than 5 updates of a ~50 MB model stream through one round.
+50 rather than 5 updates of a ~50 MB model stream through one round, and a median round whose
+stack of updates is larger than ``aggregator.stackMemory``: kept in memory, or memory-mapped
+from a file (time, and the process's anonymous memory once the stack is full).
 
 This file must import without torch or fedkube: the Flower side runs it too.
 """
@@ -123,6 +125,31 @@ def streaming_peak(clients: int, parameters: int) -> dict[str, float]:
     return {"peak_rss_mb": _peak_rss_mb()}
 
 
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def stack_round(clients: int, parameters: int, limit: int | None) -> dict[str, float]:
+    """A median round of ``clients`` streamed updates with the stack limited to ``limit``."""
+    import torch
+
+    from fedkube.federation.strategies import build_strategy
+
+    torch.set_num_threads(1)
+    glob = {"w": torch.zeros(parameters)}
+    update = {"w": torch.randn(parameters, generator=torch.Generator().manual_seed(0))}
+    start = time.perf_counter()
+    agg = build_strategy("fedmedian", stack_memory_bytes=limit).new_round(glob, clients)
+    for i in range(clients):
+        update["w"].add_(float(i))  # each update differs; only one exists at a time
+        agg.add(update, 10)
+    full = _rss_anon_mb()
+    agg.result()
+    return {"seconds": time.perf_counter() - start, "anon_mb": full}
+
+
 def _subprocess(python: str, *args: str) -> dict[str, float]:
     env = {**os.environ, **ONE_THREAD}
     done = subprocess.run(
@@ -167,12 +194,24 @@ def main(arguments: argparse.Namespace) -> None:
     many = _subprocess(sys.executable, "--stream", "50", size)["peak_rss_mb"]
     print(f"FedAvg streaming, {arguments.stream_parameters * 4 / 2**20:.0f} MB model: peak RSS "
           f"{few:.0f} MB with 5 clients, {many:.0f} MB with 50: ratio {many / few:.3f}")
+    clients, parameters = 20, arguments.stack_parameters
+    limit = 256 << 20
+    kept = _subprocess(sys.executable, "--stack", str(clients), str(parameters), "0")
+    mapped = _subprocess(sys.executable, "--stack", str(clients), str(parameters), str(limit))
+    print(f"fedmedian, {clients} clients x {parameters / 1e6:.0f}M parameters "
+          f"({clients * parameters * 4 / 2**20:.0f} MB stack): in memory {kept['seconds']:.1f} s, "
+          f"anonymous RSS {kept['anon_mb']:.0f} MB; mapped from a file (stackMemory "
+          f"{limit >> 20} MiB) {mapped['seconds']:.1f} s, anonymous RSS "
+          f"{mapped['anon_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         impl, strategy, folder, repeats = sys.argv[2:6]
         print(json.dumps(worker(impl, strategy, Path(folder), int(repeats))))
+    elif sys.argv[1:2] == ["--stack"]:
+        clients, parameters, limit = map(int, sys.argv[2:5])
+        print(json.dumps(stack_round(clients, parameters, limit or None)))
     elif sys.argv[1:2] == ["--stream"]:
         print(json.dumps(streaming_peak(int(sys.argv[2]), int(sys.argv[3]))))
     else:
@@ -181,5 +220,6 @@ if __name__ == "__main__":
         parser.add_argument("--clients", type=int, nargs="+", default=[10, 40])
         parser.add_argument("--parameters", type=int, default=2_000_000)
         parser.add_argument("--stream-parameters", type=int, default=12_500_000)
+        parser.add_argument("--stack-parameters", type=int, default=10_000_000)
         parser.add_argument("--repeats", type=int, default=2)
         main(parser.parse_args())

