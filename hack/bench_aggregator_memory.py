@@ -46,18 +46,22 @@ ROUNDS = 3
 TOLERANCE = 0.10
 
 
-class WideTask:
-    """A 34 MB linear model; evaluation is a cheap norm so the bench measures aggregation."""
+class LinearTask:
+    """One linear layer of a given size whose clients the benches drive themselves;
+    evaluation is a cheap norm, so a bench measures the aggregator, not learning."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        self.inputs, self.outputs = inputs, outputs
 
     def model(self, config: Mapping[str, Any]) -> torch.nn.Module:
         torch.manual_seed(0)
-        return torch.nn.Linear(2048, 4096)
+        return torch.nn.Linear(self.inputs, self.outputs)
 
     def client_data(self, *args: Any) -> None:
         return None
 
     def train(self, *args: Any, **kwargs: Any) -> TrainResult:
-        raise NotImplementedError("the bench's clients are driven in-process")
+        raise NotImplementedError("the bench's clients are driven by the bench itself")
 
     def evaluate(self, model: torch.nn.Module, config: Mapping[str, Any], *,
                  device: torch.device) -> EvalResult:
@@ -65,7 +69,7 @@ class WideTask:
         return EvalResult(loss=loss, accuracy=0.5, num_examples=1)
 
 
-task = WideTask()
+task = LinearTask(2048, 4096)  # 34 MB
 
 
 def drive_client(config: Path, index: int) -> None:

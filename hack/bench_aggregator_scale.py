@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,6 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
+from bench_aggregator_memory import LinearTask  # noqa: E402
 from runtime_support import ENV, make_config  # noqa: E402
 
 import fedkube  # noqa: E402
@@ -72,7 +73,6 @@ from fedkube.federation.proto import fedkube_pb2 as pb  # noqa: E402
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc  # noqa: E402
 from fedkube.federation.security import TlsFiles, channel_credentials  # noqa: E402
 from fedkube.local import client_tls_dir  # noqa: E402
-from fedkube.tasks.base import EvalResult, TrainResult  # noqa: E402
 
 DEFAULT_CLIENTS = (10, 100, 1000)
 QUICK_CLIENTS = (5, 20)
@@ -103,27 +103,8 @@ WORKER_EXIT_SECONDS = 60.0
 log = logging.getLogger("bench.scale")
 
 
-class SmallTask:
-    """A ~100K-parameter linear model (395 KB); evaluation is a cheap norm, so the bench
-    measures the serving of clients rather than learning."""
-
-    def model(self, config: Mapping[str, Any]) -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Linear(256, 384)
-
-    def client_data(self, *args: Any) -> None:
-        return None
-
-    def train(self, *args: Any, **kwargs: Any) -> TrainResult:
-        raise NotImplementedError("the bench's clients are driven by the bench itself")
-
-    def evaluate(self, model: torch.nn.Module, config: Mapping[str, Any], *,
-                 device: torch.device) -> EvalResult:
-        loss = float(sum(p.detach().float().norm() for p in model.parameters()))
-        return EvalResult(loss=loss, accuracy=0.5, num_examples=1)
-
-
-task = SmallTask()
+#: A ~100K-parameter model (395 KB): the bench measures the serving of clients.
+task = LinearTask(256, 384)
 
 
 def raise_open_files_limit() -> int:
