@@ -26,8 +26,15 @@ def test_the_fold_bench_runs() -> None:
     assert "from bytes / torch loop" in out
 
 
-def test_the_scale_bench_runs() -> None:
-    assert "clients" in _bench("hack/bench_aggregator_scale.py", "--quick")
+def test_the_scale_bench_runs(tmp_path: Path) -> None:
+    try:
+        out = _bench("hack/bench_aggregator_scale.py", "--quick", "--keep", str(tmp_path))
+    except AssertionError as failure:
+        # The aggregator's log says what its complaints were (a traceback, for instance).
+        logs = {log.parent.name: log.read_text(errors="replace")[-4000:]
+                for log in sorted(tmp_path.glob("*/aggregator.log"))}
+        raise AssertionError(f"{failure}\n{logs}") from None
+    assert "clients" in out
 
 
 def test_the_operator_bench_runs() -> None:
