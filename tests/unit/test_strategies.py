@@ -425,6 +425,24 @@ def _incomplete(agg, state):
     return reader
 
 
+@pytest.mark.parametrize("buffer_bytes", [16, 40, 1 << 20])
+def test_spilled_pieces_come_back_whole_whatever_the_read_buffer(buffer_bytes):
+    """A fold takes an update a batch at a time; spilled pieces share one read buffer, so a
+    batch ends wherever the next spilled piece would overwrite the values it holds."""
+    rng = np.random.default_rng(9)
+    glob, update = make_state(rng), make_state(rng)
+    agg = build_strategy("fedavg").new_round(glob, 1)
+    with _wire_update(agg, update, chunk=12, spill_every=2).finish() as received:
+        batches = [[(span.key, start, values.clone()) for span, start, values in batch]
+                   for batch in received.batches(buffer_bytes)]
+    rebuilt = {key: torch.full((tensor.numel(),), float("nan")) for key, tensor in update.items()}
+    for key, start, values in [piece for batch in batches for piece in batch]:
+        rebuilt[key][start:start + values.numel()] = values
+    for key, tensor in update.items():
+        np.testing.assert_array_equal(rebuilt[key].numpy(), tensor.reshape(-1).numpy())
+    assert (len(batches) > 1) == (buffer_bytes < 1 << 20)
+
+
 def test_a_manifest_unlike_the_global_model_is_refused_before_any_byte():
     glob = make_state(np.random.default_rng(7))
     agg = build_strategy("fedavg").new_round(glob, 1)
