@@ -159,3 +159,17 @@ def test_malformed_chunks_are_refused_like_protobuf_refuses_them(raw: bytes) -> 
         assert isinstance(decoded, memoryview) and bytes(decoded) == expected.data
     else:
         assert decoded == expected.header
+
+
+def test_a_header_after_the_first_is_a_protocol_error_in_either_form() -> None:
+    """The aggregator and the client read decoded chunks, tests and benches protobuf messages:
+    both are held to one rule, data only after the header."""
+    header = pb.UpdateHeader(round=3)
+    decoded = [protocol.decode_chunk(protocol.data_message(b"abcd"), pb.UpdateHeader),
+               protocol.decode_chunk(pb.UpdateChunk(header=header).SerializeToString(),
+                                     pb.UpdateHeader)]
+    messages = [pb.UpdateChunk(data=b"abcd"), pb.UpdateChunk(header=header)]
+    for chunks in (map(protocol.expect_data, decoded), protocol.data_chunks(iter(messages))):
+        assert bytes(next(chunks)) == b"abcd"
+        with pytest.raises(transport.TransportError, match="got another header"):
+            next(chunks)

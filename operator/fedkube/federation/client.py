@@ -186,7 +186,8 @@ class Client:
         metas = protocol.from_specs(header.tensors)
         if self._buffer is None or transport.manifest(self._buffer) != metas:
             self._buffer = transport.allocate(metas)
-        received = transport.assemble(metas, _data(chunks), out=self._buffer)
+        received = transport.assemble(metas, map(protocol.expect_data, chunks),
+                                      out=self._buffer)
         state = self._model.state_dict()
         self._model.load_state_dict({k: v.to(state[k].dtype) for k, v in received.items()})
 
@@ -281,14 +282,6 @@ _TaskItem = pb.TaskHeader | memoryview
 
 def _decode_task_chunk(raw: bytes) -> _TaskItem:
     return protocol.decode_chunk(raw, pb.TaskHeader)
-
-
-def _data(items: Iterator[_TaskItem]) -> Iterator[memoryview]:
-    """The data that follows a task's header; a second header is a protocol error."""
-    for item in items:
-        if not isinstance(item, memoryview):
-            raise transport.TransportError("expected a data chunk, got another header")
-        yield item
 
 
 def seed_round(seed: int, round_: int, index: int) -> None:

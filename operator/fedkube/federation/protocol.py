@@ -49,13 +49,20 @@ def from_specs(specs: Iterable[pb.TensorSpec]) -> list[transport.TensorMeta]:
     return [transport.TensorMeta(s.name, s.dtype, tuple(s.shape)) for s in specs]
 
 
+def expect_data(chunk: Message | memoryview) -> memoryview:
+    """A decoded chunk's data (see :func:`decode_chunk`): a stream carries its header first
+    and data only after it, so another header is a :class:`~transport.TransportError`."""
+    if not isinstance(chunk, memoryview):
+        raise transport.TransportError("expected a data chunk, got another header")
+    return chunk
+
+
 def data_chunks(messages: Iterator[pb.TaskChunk] | Iterator[pb.UpdateChunk],
-                ) -> Iterator[bytes]:
-    """The data payloads that follow a header; a second header is a protocol error."""
+                ) -> Iterator[memoryview]:
+    """The data of protobuf chunk messages that follow a header (:func:`expect_data`)."""
     for message in messages:
-        if message.WhichOneof("kind") != "data":
-            raise transport.TransportError("expected a data chunk, got another header")
-        yield message.data
+        yield expect_data(memoryview(message.data) if message.WhichOneof("kind") == "data"
+                          else message.header)
 
 
 #: ``data`` is field 2 of both ``TaskChunk`` and ``UpdateChunk``; ``header`` is field 1.

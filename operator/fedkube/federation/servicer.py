@@ -58,9 +58,7 @@ async def _data_chunks(messages: AsyncIterator[_Chunk]) -> AsyncIterator[memoryv
     async for message in messages:
         if isinstance(message, DecodeError):
             raise transport.TransportError(f"a malformed chunk: {message}")
-        if not isinstance(message, memoryview):
-            raise transport.TransportError("expected a data chunk, got another header")
-        yield message
+        yield protocol.expect_data(message)
 
 
 def add_to_server(servicer: FederationServicer, server: grpc.aio.Server) -> None:
