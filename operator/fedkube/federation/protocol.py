@@ -22,6 +22,8 @@ CLIENT_ID_KEY = "fedkube-client-id"
 
 #: Room for the header (manifest, metrics) on top of a data chunk.
 _MESSAGE_HEADROOM = 16 << 20
+#: gRPC's message prefix and the chunk's protobuf tag and length; HTTP/2's largest frame.
+_FRAME_HEADROOM, _LARGEST_FRAME = 64, (1 << 24) - 1
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -38,6 +40,9 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
         # Fixed flow-control windows: with BDP probing each waiting update stream may grow
         # a multi-megabyte receive buffer, and aggregator memory would grow with clients.
         ("grpc.http2.bdp_probe", 0),
+        # A data chunk in one HTTP/2 frame rather than 16 KiB ones: 7-9% less aggregator CPU
+        # per GB in hack/bench_aggregator_memory.py, paired runs, no memory change.
+        ("grpc.http2.max_frame_size", min(chunk_bytes + _FRAME_HEADROOM, _LARGEST_FRAME)),
     ]
 
 
