@@ -9,7 +9,7 @@ time, both read from the kernel when the process is reaped (``wait4``). Prints t
 and the CPU time per GB of model traffic; exits 1 when 50 clients need more than 10% memory
 over 5 clients.
 
-    python hack/bench_aggregator_memory.py [--chunk-bytes N]
+    python hack/bench_aggregator_memory.py [--chunk-bytes N] [--plaintext]
 """
 
 from __future__ import annotations
@@ -72,16 +72,23 @@ class LinearTask:
 task = LinearTask(2048, 4096)  # 34 MB
 
 
+def _channel(runtime: RuntimeConfig, config: Path) -> grpc.Channel:
+    """A channel of its own (one TCP connection per client), over mutual TLS with the job's
+    client certificate as every client connects, or in plaintext where the job has no TLS."""
+    options = [*protocol.channel_options(runtime.spec.transport.chunk_bytes),
+               ("grpc.use_local_subchannel_pool", 1)]
+    if runtime.tls_folder is None:
+        return grpc.insecure_channel(runtime.aggregator_address, options=options)
+    credentials = channel_credentials(TlsFiles.read(client_tls_dir(config.parent / "tls",
+                                                                   None)))
+    return grpc.secure_channel(runtime.aggregator_address, credentials, options=options)
+
+
 def drive_client(config: Path, index: int) -> None:
     """Join, then pull and push back until the aggregator says the job is finished."""
     runtime = RuntimeConfig.from_file(config)
     chunk = runtime.spec.transport.chunk_bytes
-    # Over mutual TLS with the job's client certificate, as every client connects.
-    credentials = channel_credentials(TlsFiles.read(client_tls_dir(config.parent / "tls",
-                                                                   None)))
-    with grpc.secure_channel(runtime.aggregator_address, credentials,
-                             options=[*protocol.channel_options(chunk),
-                                      ("grpc.use_local_subchannel_pool", 1)]) as channel:
+    with _channel(runtime, config) as channel:
         stub = pb_grpc.FederationStub(channel)
         reply = stub.Join(pb.JoinRequest(index=index), wait_for_ready=True)
         metadata = ((protocol.CLIENT_ID_KEY, reply.client_id),)
@@ -135,11 +142,11 @@ def reap(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, Usage]:
     raise TimeoutError(f"the aggregator did not finish {ROUNDS} rounds in {timeout:.0f}s")
 
 
-def measure(clients: int, chunk_bytes: int) -> Usage:
+def measure(clients: int, chunk_bytes: int, tls: bool) -> Usage:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         config = make_config(tmp, rounds=ROUNDS, clients=clients, min_clients=clients,
-                             timeout=300, task_config={},
+                             timeout=300, task_config={}, tls=tls,
                              transport={"chunkBytes": chunk_bytes})
         text = config.read_text().replace("fedkube.tasks.digits:task",
                                           "bench_aggregator_memory:task")
@@ -168,10 +175,15 @@ def main() -> int:
     parser.add_argument("--chunk-bytes", type=int,
                         default=TransportSpec.model_fields["chunk_bytes"].default,
                         help="spec.transport.chunkBytes (default: the spec's default)")
-    chunk_bytes = parser.parse_args().chunk_bytes
-    few, many = measure(5, chunk_bytes), measure(50, chunk_bytes)
+    parser.add_argument("--plaintext", action="store_true",
+                        help="run the job without TLS (security.tls.mode Disabled), to tell "
+                             "TLS's share of the CPU time from the rest")
+    arguments = parser.parse_args()
+    chunk_bytes, tls = arguments.chunk_bytes, not arguments.plaintext
+    few, many = measure(5, chunk_bytes, tls), measure(50, chunk_bytes, tls)
     ratio = many.peak_rss / few.peak_rss
-    print(f"aggregator, FedAvg, 34 MB model, {ROUNDS} rounds, {chunk_bytes} B chunks:")
+    print(f"aggregator, FedAvg, 34 MB model, {ROUNDS} rounds, {chunk_bytes} B chunks, "
+          f"{'mutual TLS' if tls else 'plaintext'}:")
     model_bytes = sum(p.numel() * p.element_size() for p in task.model({}).parameters())
     for clients, usage in ((5, few), (50, many)):
         # Every client pulls the model and pushes it back once a round.
