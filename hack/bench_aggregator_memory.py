@@ -75,7 +75,7 @@ task = LinearTask(2048, 4096)  # 34 MB
 def _channel(runtime: RuntimeConfig, config: Path) -> grpc.Channel:
     """A channel of its own (one TCP connection per client), over mutual TLS with the job's
     client certificate as every client connects, or in plaintext where the job has no TLS."""
-    options = [*protocol.channel_options(runtime.spec.transport.chunk_bytes),
+    options = [*protocol.channel_options(runtime.spec.transport.largest_chunk),
                ("grpc.use_local_subchannel_pool", 1)]
     if runtime.tls_folder is None:
         return grpc.insecure_channel(runtime.aggregator_address, options=options)
@@ -87,7 +87,6 @@ def _channel(runtime: RuntimeConfig, config: Path) -> grpc.Channel:
 def drive_client(config: Path, index: int) -> None:
     """Join, then pull and push back until the aggregator says the job is finished."""
     runtime = RuntimeConfig.from_file(config)
-    chunk = runtime.spec.transport.chunk_bytes
     with _channel(runtime, config) as channel:
         stub = pb_grpc.FederationStub(channel)
         reply = stub.Join(pb.JoinRequest(index=index), wait_for_ready=True)
@@ -109,7 +108,8 @@ def drive_client(config: Path, index: int) -> None:
                 yield pb.UpdateChunk(header=pb.UpdateHeader(
                     round=round_, num_examples=10 + index,
                     tensors=protocol.to_specs(transport.manifest(state))))
-                for data in transport.iter_chunks(state, chunk):
+                chunk_bytes = runtime.spec.transport.chunk_size(transport.encoded_nbytes(state))
+                for data in transport.iter_chunks(state, chunk_bytes):
                     yield pb.UpdateChunk(data=data)
 
             stub.PushUpdate(messages(), metadata=metadata)
@@ -142,7 +142,7 @@ def reap(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, Usage]:
     raise TimeoutError(f"the aggregator did not finish {ROUNDS} rounds in {timeout:.0f}s")
 
 
-def measure(clients: int, chunk_bytes: int, tls: bool) -> Usage:
+def measure(clients: int, chunk_bytes: int | None, tls: bool) -> Usage:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         config = make_config(tmp, rounds=ROUNDS, clients=clients, min_clients=clients,
@@ -173,8 +173,8 @@ def measure(clients: int, chunk_bytes: int, tls: bool) -> Usage:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunk-bytes", type=int,
-                        default=TransportSpec.model_fields["chunk_bytes"].default,
-                        help="spec.transport.chunkBytes (default: the spec's default)")
+                        help="spec.transport.chunkBytes (default: unset, a size chosen from "
+                             "the model's)")
     parser.add_argument("--plaintext", action="store_true",
                         help="run the job without TLS (security.tls.mode Disabled), to tell "
                              "TLS's share of the CPU time from the rest")
@@ -182,9 +182,10 @@ def main() -> int:
     chunk_bytes, tls = arguments.chunk_bytes, not arguments.plaintext
     few, many = measure(5, chunk_bytes, tls), measure(50, chunk_bytes, tls)
     ratio = many.peak_rss / few.peak_rss
-    print(f"aggregator, FedAvg, 34 MB model, {ROUNDS} rounds, {chunk_bytes} B chunks, "
+    model_bytes = transport.encoded_nbytes(task.model({}).state_dict())
+    chunks = TransportSpec(chunk_bytes=chunk_bytes).chunk_size(model_bytes)
+    print(f"aggregator, FedAvg, 34 MB model, {ROUNDS} rounds, {chunks >> 10} KiB chunks, "
           f"{'mutual TLS' if tls else 'plaintext'}:")
-    model_bytes = sum(p.numel() * p.element_size() for p in task.model({}).parameters())
     for clients, usage in ((5, few), (50, many)):
         # Every client pulls the model and pushes it back once a round.
         traffic = ROUNDS * clients * 2 * model_bytes / 1e9

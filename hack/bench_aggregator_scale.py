@@ -67,6 +67,7 @@ from bench_aggregator_memory import LinearTask  # noqa: E402
 from runtime_support import ENV, make_config  # noqa: E402
 
 import fedkube  # noqa: E402
+from fedkube.api import TransportSpec  # noqa: E402
 from fedkube.api.runtime import RuntimeConfig  # noqa: E402
 from fedkube.federation import protocol, transport  # noqa: E402
 from fedkube.federation.proto import fedkube_pb2 as pb  # noqa: E402
@@ -143,16 +144,16 @@ class Client:
     protocol, no training."""
 
     def __init__(self, index: int, address: str, credentials: grpc.ChannelCredentials,
-                 chunk_bytes: int, report: WorkerReport) -> None:
+                 transport_spec: TransportSpec, report: WorkerReport) -> None:
         self.index = index
         self.address = address
         self.credentials = credentials
-        self.chunk_bytes = chunk_bytes
+        self.transport = transport_spec
         self.report = report
         self.metadata: tuple[tuple[str, str], ...] = ()
 
     async def run(self, joins: asyncio.Semaphore) -> None:
-        options = [*protocol.channel_options(self.chunk_bytes),
+        options = [*protocol.channel_options(self.transport.largest_chunk),
                    ("grpc.use_local_subchannel_pool", 1)]
         async with grpc.aio.secure_channel(self.address, self.credentials,
                                            options=options) as channel:
@@ -229,7 +230,8 @@ class Client:
         yield pb.UpdateChunk(header=pb.UpdateHeader(
             round=round_, num_examples=10 + self.index,
             tensors=protocol.to_specs(transport.manifest(state))))
-        for chunk in transport.iter_chunks(state, self.chunk_bytes):
+        chunk_bytes = self.transport.chunk_size(transport.encoded_nbytes(state))
+        for chunk in transport.iter_chunks(state, chunk_bytes):
             yield pb.UpdateChunk(data=chunk)
 
 
@@ -241,7 +243,7 @@ async def run_worker(config: Path, indices: range) -> WorkerReport:
     report = WorkerReport(clients=len(indices), started=time.time())
     joins = asyncio.Semaphore(JOINS_IN_FLIGHT)
     clients = [Client(index, runtime.aggregator_address, credentials,
-                      runtime.spec.transport.chunk_bytes, report) for index in indices]
+                      runtime.spec.transport, report) for index in indices]
     outcomes = await asyncio.gather(*(client.run(joins) for client in clients),
                                     return_exceptions=True)
     for index, outcome in zip(indices, outcomes, strict=True):

@@ -9,8 +9,9 @@ tensors), with the updates already in memory:
 - ``in memory``: fedkube's ``Round.add`` of a state dict (checks the update for NaN, then
   folds: 16 bytes per parameter);
 - ``from bytes``: what the aggregator does with a received update: every chunk as gRPC hands
-  it over (a serialized ``UpdateChunk``) decoded to tensor views without a copy, checked,
-  then folded (16 bytes per parameter plus the decoding);
+  it over (a serialized ``UpdateChunk``, as large as the job's default cuts them) decoded to
+  tensor views without a copy, checked, then folded (16 bytes per parameter plus the
+  decoding);
 - ``flower``: ``flwr.server.strategy.aggregate.aggregate`` over all clients' numpy arrays,
   divided by the number of clients (in the bench virtualenv), at the sizes where the inputs
   fit in memory.
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-CHUNK_BYTES = 1 << 18
 #: Flower's aggregate keeps every client's arrays plus its own copies: beyond this many
 #: parameters times clients it is not run.
 FLOWER_LIMIT = 400_000_000
@@ -76,6 +76,7 @@ def _best(repeats: int, run: object) -> float:
 def fedkube_worker(folder: Path, repeats: int) -> dict[str, float]:
     import torch
 
+    from fedkube.api import TransportSpec
     from fedkube.federation import protocol, transport
     from fedkube.federation.proto import fedkube_pb2 as pb
     from fedkube.federation.strategies import build_strategy
@@ -89,8 +90,9 @@ def fedkube_worker(folder: Path, repeats: int) -> dict[str, float]:
     glob = state(glob_layers)
     updates = [state(layers) for layers in client_layers]
     clients = len(updates)
+    chunk_bytes = TransportSpec().chunk_size(transport.encoded_nbytes(glob))
     messages = [[protocol.data_message(view)
-                 for view in transport.chunk_views(update, CHUNK_BYTES)] for update in updates]
+                 for view in transport.chunk_views(update, chunk_bytes)] for update in updates]
     metas = transport.manifest(glob)
     strategy = build_strategy("fedavg")
 
@@ -158,8 +160,8 @@ def _run(python: str, role: str, folder: Path, repeats: int) -> dict[str, float]
 
 
 def main(arguments: argparse.Namespace) -> int:
-    print(f"FedAvg fold, seconds per update, one thread per side, {CHUNK_BYTES >> 10} KiB "
-          "chunks")
+    print("FedAvg fold, seconds per update, one thread per side; from bytes: in the chunks the "
+          "aggregator receives (a 64th of the model)")
     print(f"{'parameters':>10} {'clients':>7} {'torch loop':>10} {'in memory':>10} "
           f"{'from bytes':>10} {'flower':>9} {'bytes/loop':>10} {'flower/bytes':>12}")
     worst = 0.0

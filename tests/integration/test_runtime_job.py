@@ -35,6 +35,22 @@ def test_a_job_completes_with_model_history_and_exit_codes(tmp_path: Path) -> No
     assert all(torch.equal(model[k], saved.model[k]) for k in model)
 
 
+def test_a_larger_model_streams_both_ways_in_chunks_sized_to_it(tmp_path: Path) -> None:
+    # A hidden layer of 120,000: ~9.0M parameters, 36 MB on the wire, so the model and the
+    # updates stream in 576 KiB chunks (a 64th of the model), past the 256 KiB that smaller
+    # models use: both ends' gRPC limits must admit them, over mutual TLS.
+    config = make_config(tmp_path, rounds=2, clients=2, task_config={"hidden": 120_000})
+    with processes(tmp_path) as group:
+        aggregator = group.aggregator(config)
+        clients = [group.client(config, i) for i in range(2)]
+        assert aggregator.wait(180) == 0, group.log("aggregator")
+        assert [c.wait(30) for c in clients] == [0, 0], group.log("client-0")
+        log = group.log("aggregator")
+    assert "streamed in 576 KiB chunks" in log, log
+    history = json.loads((tmp_path / "output" / "history.json").read_text())
+    assert [(entry["clients"], entry["rejected"]) for entry in history] == [(2, 0), (2, 0)]
+
+
 def test_a_client_killed_mid_round_does_not_stop_the_round(tmp_path: Path) -> None:
     # Slow local training (many epochs) so that the kill lands while the client trains.
     # The first round waits (up to the round timeout) for all three clients to join.

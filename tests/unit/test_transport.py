@@ -8,6 +8,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedkube.api import TransportSpec
 from fedkube.federation import protocol, transport
 from fedkube.federation.proto import fedkube_pb2 as pb
 
@@ -173,3 +174,28 @@ def test_a_header_after_the_first_is_a_protocol_error_in_either_form() -> None:
         assert bytes(next(chunks)) == b"abcd"
         with pytest.raises(transport.TransportError, match="got another header"):
             next(chunks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoded_bytes_are_counted_without_encoding(dtype: torch.dtype) -> None:
+    state = _state()
+    wire = transport.encode(state, dtype)
+    assert transport.encoded_nbytes(state, dtype) == sum(m.nbytes for m in transport.manifest(wire))
+
+
+@pytest.mark.parametrize(("model_bytes", "chunk_bytes"), [
+    (1, 256 << 10),                      # small models: the smallest automatic chunk
+    (16 << 20, 256 << 10),               # a 64th is exactly the smallest
+    (30_000_000, 512 << 10),             # a 64th (458 KiB) rounded up to 64 KiB
+    (400_000_000, 6 << 20),              # 100M float32 parameters
+    (4 << 30, 8 << 20),                  # large models: the largest automatic chunk
+])
+def test_unset_chunk_bytes_follow_the_model_size(model_bytes: int, chunk_bytes: int) -> None:
+    assert TransportSpec().chunk_size(model_bytes) == chunk_bytes
+    assert TransportSpec().largest_chunk == 8 << 20
+
+
+def test_chunk_bytes_set_in_the_spec_win_whatever_the_model() -> None:
+    spec = TransportSpec.model_validate({"chunkBytes": 65536})
+    assert [spec.chunk_size(n) for n in (1, 400_000_000)] == [65536, 65536]
+    assert spec.largest_chunk == 65536

@@ -27,6 +27,11 @@ StrategyName = Literal[
 ]
 #: Largest ``transport.chunkBytes``: one gRPC message.
 MAX_CHUNK_BYTES = 1 << 26
+#: Without ``transport.chunkBytes``, a model streams in about this many chunks, each within
+#: :data:`AUTO_CHUNK_BYTES` and a multiple of :data:`CHUNK_GRANULE` bytes.
+AUTO_CHUNKS_PER_MODEL = 64
+AUTO_CHUNK_BYTES = (1 << 18, 1 << 23)
+CHUNK_GRANULE = 1 << 16
 #: Strategies that need every update of a round at once (no streaming fold).
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum", "multikrum")
 
@@ -360,15 +365,27 @@ class TransportSpec(ApiModel):
     update_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of floating-point tensors on the wire; 16-bit halves the bytes sent."""
 
-    # Measured with grpc.aio (hack/bench_aggregator_memory.py, hack/bench_whole_round.py):
-    # 1 MiB chunks cut the aggregator's CPU per GB by 15-25% and a 100M-parameter round of 4
-    # clients by ~20%, but each stream in flight holds about a chunk in gRPC's buffers: +50
-    # MiB of aggregator RSS at 50 clients, and a chunk per client when thousands send at once.
-    chunk_bytes: int = Field(default=1 << 18, ge=1 << 14, le=MAX_CHUNK_BYTES)
-    """Size of the chunks that tensors are streamed in. Each model stream in flight holds
-    about one chunk in the aggregator's gRPC buffers: the 256 KiB default keeps memory
-    modest when many clients send at once. A job with few clients and a large model runs
-    faster with 1 MiB (1048576: about 20% per round at 100M parameters)."""
+    chunk_bytes: int | None = Field(default=None, ge=1 << 14, le=MAX_CHUNK_BYTES)
+    """Size of the chunks that tensors are streamed in. Unset: a 64th of the model's bytes on
+    the wire, within 256 KiB and 8 MiB. gRPC's cost per message is large beside its cost
+    per byte, so large models stream faster in large chunks (a 100M-parameter round of 4
+    clients took 4.4 s in 8 MiB chunks against 8.3-8.8 s in 256 KiB ones); each stream in
+    flight holds about a chunk in the aggregator's gRPC buffers, so a chunk in proportion
+    to the model keeps that memory a fixed share of a model per stream. Set it to bound
+    the memory per stream when thousands of clients of a large model upload at once."""
+
+    def chunk_size(self, stream_bytes: int) -> int:
+        """The chunk size of a model or update stream of ``stream_bytes`` bytes."""
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        smallest, largest = AUTO_CHUNK_BYTES
+        granules = -(-stream_bytes // (AUTO_CHUNKS_PER_MODEL * CHUNK_GRANULE))
+        return min(largest, max(smallest, granules * CHUNK_GRANULE))
+
+    @property
+    def largest_chunk(self) -> int:
+        """The largest chunk any stream of this job is sent in: what gRPC must accept."""
+        return self.chunk_bytes if self.chunk_bytes is not None else AUTO_CHUNK_BYTES[1]
 
 
 class RunPolicy(ApiModel):

@@ -115,6 +115,10 @@ class Aggregator:
         # The model's own tensors: evaluation loads new globals with assign=True, so the
         # module and the global state share one copy.
         self.global_state = {k: v.detach() for k, v in self.model.state_dict().items()}
+        self.model_bytes = transport.encoded_nbytes(self.global_state, self.wire_dtype)
+        """The model's bytes on the wire."""
+        self.chunk_bytes = self.spec.transport.chunk_size(self.model_bytes)
+        """The chunk size of the model's streams and the clients' updates."""
         self.history: list[RoundRecord] = []
         self.completed = 0
         self.phase: AggregatorPhase = "Waiting"
@@ -340,8 +344,7 @@ class Aggregator:
             return ("tensors do not match the global model (expected the manifest it was sent): "
                     + ", ".join(wrong[:5]))
         assert state.aggregation is not None
-        idle = max(UPLOAD_IDLE_SECONDS,
-                   self.spec.transport.chunk_bytes / SLOWEST_UPLOAD_BYTES_PER_SECOND)
+        idle = max(UPLOAD_IDLE_SECONDS, self.chunk_bytes / SLOWEST_UPLOAD_BYTES_PER_SECOND)
         try:
             check_num_examples(int(header.num_examples))
             reader = state.aggregation.reader(metas)
@@ -468,7 +471,7 @@ class Aggregator:
         wire = transport.encode(self.global_state, self.wire_dtype)
         return transport.manifest(wire), [
             protocol.data_message(view)
-            for view in transport.chunk_views(wire, self.spec.transport.chunk_bytes)]
+            for view in transport.chunk_views(wire, self.chunk_bytes)]
 
     async def _run_round(self, number: int, attempt: int, first: bool) -> TrainingRound:
         strategy_spec = self.spec.strategy
@@ -715,7 +718,7 @@ async def watch_config(aggregator: Aggregator, path: Path) -> None:
 async def _serve(config: RuntimeConfig, config_path: Path | None) -> int:
     aggregator = Aggregator(config)
     spec = config.spec
-    server = grpc.aio.server(options=protocol.channel_options(spec.transport.chunk_bytes))
+    server = grpc.aio.server(options=protocol.channel_options(spec.transport.largest_chunk))
     add_to_server(FederationServicer(aggregator), server)
     address = f"{config.bind_address}:{spec.aggregator.port}"
     if config.tls_folder is None:
@@ -733,10 +736,11 @@ async def _serve(config: RuntimeConfig, config_path: Path | None) -> int:
     watcher = (asyncio.create_task(watch_config(aggregator, config_path))
                if config_path is not None else None)
     await server.start()
-    log.info("aggregator of %s/%s listening on %s (%s; metrics on :%d), device %s",
-             config.namespace, config.job_name, address,
-             "mutual TLS" if config.tls_folder else "plaintext", spec.aggregator.metrics_port,
-             aggregator.device)
+    log.info("aggregator of %s/%s listening on %s (%s; metrics on :%d), device %s; the model "
+             "is %.1f MB on the wire, streamed in %d KiB chunks", config.namespace,
+             config.job_name, address, "mutual TLS" if config.tls_folder else "plaintext",
+             spec.aggregator.metrics_port, aggregator.device, aggregator.model_bytes / 1e6,
+             aggregator.chunk_bytes >> 10)
     try:
         return await aggregator.run()
     finally:

@@ -79,7 +79,7 @@ class Endpoint:
         folder = None if config.tls_folder is None else tls_dir or config.tls_folder
         return cls(config.aggregator_address,
                    security.TlsFiles.read(folder) if folder is not None else None,
-                   config.namespace, config.job_name, config.spec.transport.chunk_bytes)
+                   config.namespace, config.job_name, config.spec.transport.largest_chunk)
 
     @classmethod
     def of_bundle(cls, bundle: Bundle) -> Endpoint:
@@ -217,14 +217,16 @@ class Client:
                                  device=self.device, proximal_mu=header.proximal_mu)
         wire = transport.encode(self._model.state_dict(),
                                 transport.TRANSFER_DTYPES[self._spec.transport.update_dtype])
+        metas = transport.manifest(wire)
+        chunk_bytes = self._spec.transport.chunk_size(sum(meta.nbytes for meta in metas))
         update_header = pb.UpdateHeader(
             round=header.round, num_examples=result.num_examples,
             metrics={k: float(v) for k, v in result.metrics.items()},
-            tensors=protocol.to_specs(transport.manifest(wire)))
+            tensors=protocol.to_specs(metas))
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=update_header)
-            for view in transport.chunk_views(wire, self._spec.transport.chunk_bytes):
+            for view in transport.chunk_views(wire, chunk_bytes):
                 yield protocol.data_message(view)
 
         reply = self._push_update(messages(), metadata=self._metadata())

@@ -95,6 +95,13 @@ def encode(state: Mapping[str, torch.Tensor],
     return wire
 
 
+def encoded_nbytes(state: Mapping[str, torch.Tensor],
+                   float_dtype: torch.dtype = torch.float32) -> int:
+    """The bytes :func:`encode` of ``state`` puts on the wire, without encoding it."""
+    return sum(t.numel() * (float_dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in state.values())
+
+
 def manifest(state: Mapping[str, torch.Tensor]) -> list[TensorMeta]:
     """The manifest of an (encoded) state dict, in iteration order."""
     return [TensorMeta(name, _dtype_name(t.dtype), tuple(t.shape)) for name, t in state.items()]
