@@ -36,7 +36,7 @@ class ServerOptimizer(Strategy):
     def new_fold(self, size: int, max_updates: int) -> Fold:
         return MeanFold(size, self.device)
 
-    def step(self, global_flat: Tensor, delta: Tensor) -> Tensor:
+    def step(self, delta: Tensor) -> Tensor:
         if not self._state:
             self._state = {name: self._initial(name, delta) for name in self.moments}
         elif self._state[self.moments[0]].shape != delta.shape:
@@ -44,7 +44,8 @@ class ServerOptimizer(Strategy):
                 f"{self.name}: the model has {delta.numel()} parameters but the server "
                 f"optimizer state was built for {self._state[self.moments[0]].numel()}"
             )
-        return global_flat.add_(self.update(delta), alpha=self.learning_rate)
+        # A new tensor: the direction may be a moment, which the round must not change.
+        return self.update(delta).mul(self.learning_rate)
 
     def _initial(self, name: str, delta: Tensor) -> Tensor:
         return torch.zeros_like(delta)

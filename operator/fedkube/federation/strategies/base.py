@@ -404,10 +404,11 @@ class Round:
         if strategy.noise_multiplier > 0:
             assert strategy.clip_norm is not None  # checked when the strategy was built
             strategy.noise.add_(delta, strategy.noise_multiplier * strategy.clip_norm / self.count)
-        global_flat = torch.empty_like(delta)
+        # The global is added to the step in place (the step is often the delta itself): a
+        # flat copy of the global here was a fourth model at the round's peak.
+        new_global = strategy.step(delta)
         for span in self.layout.spans:
-            global_flat[span.offset:span.offset + span.numel].copy_(self._global[span.key])
-        new_global = strategy.step(global_flat, delta)
+            new_global[span.offset:span.offset + span.numel].add_(self._global[span.key])
         return self.layout.unflatten(new_global, self._others)
 
 
@@ -450,9 +451,11 @@ class Strategy(ABC):
     def new_fold(self, size: int, max_updates: int) -> Fold:
         """The buffers a round of this strategy keeps its accepted deltas in."""
 
-    def step(self, global_flat: Tensor, delta: Tensor) -> Tensor:
-        """The next global vector from the aggregated delta (plain averaging by default)."""
-        return global_flat.add_(delta)
+    def step(self, delta: Tensor) -> Tensor:
+        """What the aggregated ``delta`` adds to the global vector: ``delta`` itself by default
+        (plain averaging). The round adds the global to what this returns, in place, so it
+        must not be state that outlives the round."""
+        return delta
 
     def state_dict(self) -> dict[str, Any]:
         """What must survive an aggregator restart (tensors on CPU and plain values)."""
