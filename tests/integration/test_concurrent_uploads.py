@@ -17,7 +17,9 @@ import torch
 from runtime_support import (
     HandmadeClient,
     State,
+    http_get,
     make_config,
+    metric_value,
     processes,
     status,
     wait_for,
@@ -107,6 +109,49 @@ def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: P
     final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
     for name in final:
         expected = sum(updates[i][name] for i in range(3)) / 3
+        torch.testing.assert_close(final[name], expected.to(final[name].dtype))
+
+
+def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_trace(
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(4)]
+        pulled = [client.pull() for client in clients]
+        round_ = pulled[0][0]
+        updates = [{k: v + 0.25 * (i + 1) for k, v in state.items()}
+                   for i, (_, state) in enumerate(pulled)]
+        # Client 2's last chunk holds a NaN: it is rejected after the rest of its update was
+        # checked, held and, past the budget, written to the spill file.
+        last = list(updates[2])[-1]
+        updates[2][last].view(-1)[-1] = float("nan")
+        chunks = len(list(transport.iter_chunks(updates[0], CHUNK)))
+        # Four uploads all but complete at once: 4 models' worth, twice the budget.
+        uploads = [HeldUpload(client, round_, update, sent=chunks - 1)
+                   for client, update in zip(clients, updates, strict=True)]
+        for upload in uploads:
+            upload.start()
+            assert upload.started_sending.wait(30)
+
+        def spilled() -> float:
+            return metric_value(http_get(config, "/metrics"),
+                                "fedkube_update_bytes_spilled_total", job="test")
+
+        wait_for(spilled, 30, "chunks past the memory budget to be spilled")
+        for upload in uploads:
+            upload.resume.set()
+            upload.join(60)
+        replies = [upload.reply for upload in uploads]
+        assert all(reply is not None for reply in replies), replies
+        assert [reply.status for reply in replies if reply is not None] == [
+            pb.PushUpdateReply.ACCEPTED, pb.PushUpdateReply.ACCEPTED,
+            pb.PushUpdateReply.REJECTED, pb.PushUpdateReply.ACCEPTED]
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
+        assert 0 < spilled() < 4 * chunks * CHUNK
+    final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+    for name in final:
+        expected = sum(updates[i][name] for i in (0, 1, 3)) / 3
         torch.testing.assert_close(final[name], expected.to(final[name].dtype))
 
 

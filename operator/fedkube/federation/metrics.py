@@ -54,6 +54,10 @@ class AggregatorMetrics:
         self.updates = {s: updates.labels(status=s, **labels) for s in UPDATE_STATUSES}
         self.update_bytes = counter(
             "fedkube_update_bytes_total", "Bytes of client updates received.")
+        self.spilled_bytes = counter(
+            "fedkube_update_bytes_spilled_total",
+            "Bytes of client updates written to the aggregator's spill file because more "
+            "uploads were in flight than its memory budget holds (read back when folded).")
         self.model_bytes = counter(
             "fedkube_model_bytes_sent_total", "Bytes of global models streamed to clients.")
         self.aggregation_duration = histogram(
