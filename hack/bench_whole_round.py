@@ -9,10 +9,12 @@ million parameters in all.
 fedkube (``.venv``), over mutual TLS as in production:
   one aggregator process, ``python -m fedkube.cli aggregator --config CONFIG``, and 4 client
   processes, ``python -m fedkube.cli client --config CONFIG --index I --tls-dir DIR``, with
-  the certificates ``fedkube run`` writes. The task is :class:`NoTrainingTask` in this file
-  (entrypoint ``bench_whole_round:task``, ``PYTHONPATH=hack``): a ``torch.nn.Sequential`` of 4
-  ``Linear(width, width)``; no central test set. The job checkpoints only after its last round
-  (``checkpoint.everyRounds = rounds``; Flower saves nothing), all else is the spec's defaults.
+  the certificates ``fedkube run`` writes. With ``--plaintext``, in plaintext like Flower
+  (``security.tls.mode: Disabled``, clients without ``--tls-dir``). The task is
+  :class:`NoTrainingTask` in this file (entrypoint ``bench_whole_round:task``,
+  ``PYTHONPATH=hack``): a ``torch.nn.Sequential`` of 4 ``Linear(width, width)``; no central
+  test set. The job checkpoints only after its last round (``checkpoint.everyRounds =
+  rounds``; Flower saves nothing), all else is the spec's defaults.
 
 Flower (``--flower-python``'s virtualenv, Flower 1.41), insecure HTTP on 127.0.0.1 (no TLS:
 this favours Flower):
@@ -44,7 +46,7 @@ Measured, per side and size:
   its initial arrays built).
 
     .venv/bin/python hack/bench_whole_round.py --flower-python .venv-bench/bin/python \\
-        [--sizes 25,100] [--rounds 3] [--quick] [--keep]
+        [--sizes 25,100] [--rounds 3] [--plaintext] [--quick] [--keep]
 
 Exits 1, with the failing side's log tails, when a side fails; 0 otherwise.
 """
@@ -369,8 +371,10 @@ def rss_of(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
-def run_fedkube(width: int, rounds: int, folder: Path, timeout: float) -> Measurement:
-    """The aggregator and 4 clients as processes over mutual TLS; see the module docstring."""
+def run_fedkube(width: int, rounds: int, folder: Path, timeout: float,
+                tls: bool) -> Measurement:
+    """The aggregator and 4 clients as processes, over mutual TLS unless not ``tls``; see the
+    module docstring."""
     # The harness's imports, here: the aggregator and the clients import this module too.
     import yaml
     from runtime_support import ENV, make_config
@@ -380,7 +384,8 @@ def run_fedkube(width: int, rounds: int, folder: Path, timeout: float) -> Measur
 
     folder.mkdir(parents=True)
     config = make_config(folder, rounds=rounds, clients=CLIENTS, min_clients=CLIENTS,
-                         timeout=600, task_config={"width": width, "layers": LAYERS})
+                         timeout=600, task_config={"width": width, "layers": LAYERS},
+                         tls=tls)
     data = yaml.safe_load(config.read_text())
     data["spec"]["task"]["entrypoint"] = f"{Path(__file__).stem}:task"
     data["spec"]["aggregator"]["checkpoint"]["everyRounds"] = rounds
@@ -421,11 +426,10 @@ def run_fedkube(width: int, rounds: int, folder: Path, timeout: float) -> Measur
 
         wait_for(answers_status, 120, "the aggregator's /status", check)
         idle_rss = rss_of(aggregator.pid)
-        tls_dir = client_tls_dir(folder / "tls", None)
+        tls_args = ["--tls-dir", str(client_tls_dir(folder / "tls", None))] if tls else []
         for index in range(CLIENTS):
             clients.append(start([*command, "client", "--config", str(config), "--index",
-                                  str(index), "--tls-dir", str(tls_dir)],
-                                 logs[f"client-{index}"], env))
+                                  str(index), *tls_args], logs[f"client-{index}"], env))
         wait_for(lambda: usage is not None, timeout, "the aggregator to finish", check)
         assert usage is not None
         wall = time.monotonic() - started
@@ -641,6 +645,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per size (default: 3)")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds each side may take per size (default: 1800)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="run fedkube without TLS (security.tls.mode Disabled), as Flower "
+                             "runs here")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: one 2M-parameter model, 1 round")
     parser.add_argument("--keep", action="store_true",
@@ -658,8 +665,10 @@ def main() -> int:
         [str(args.flower_python), "-c", "import flwr; print(flwr.__version__)"],
         capture_output=True, text=True, check=True).stdout.strip()
     print(f"FedAvg whole rounds, {CLIENTS} clients, no training, {rounds} round(s) per size; "
-          f"fedkube (torch {torch.__version__}, mutual TLS) vs Flower {flower_version} "
-          "deployment engine (insecure HTTP on localhost: favours Flower)")
+          f"fedkube (torch {torch.__version__}, "
+          f"{'plaintext' if args.plaintext else 'mutual TLS'}) vs Flower {flower_version} "
+          "deployment engine (insecure HTTP on localhost"
+          f"{'' if args.plaintext else ': favours Flower'})")
     print(f"{os.cpu_count()} CPUs; load average before: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     rows = []
@@ -673,7 +682,7 @@ def main() -> int:
             label = f"{size:g}M"
             try:
                 fedkube = run_fedkube(width, rounds, Path(tmp) / f"fedkube-{label}",
-                                      args.timeout)
+                                      args.timeout, tls=not args.plaintext)
                 print_details(label, "fedkube", fedkube)
                 flower = run_flower(width, rounds, Path(tmp) / f"flower-{label}", bin_dir,
                                     args.timeout)
