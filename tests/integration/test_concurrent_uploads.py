@@ -71,15 +71,29 @@ class HeldUpload(threading.Thread):
                                                      metadata=self.client.metadata, timeout=120)
 
 
+def _four_clients_in_a_round(config: Path) -> tuple[list[HandmadeClient], int, list[State]]:
+    """Four clients joined and sent the first round's model; the round's number, and each
+    client's update (the model plus ``0.25 * (index + 1)``)."""
+    clients = [HandmadeClient.joined(config, i) for i in range(4)]
+    pulled = [client.pull() for client in clients]
+    updates = [{k: v + 0.25 * (i + 1) for k, v in state.items()}
+               for i, (_, state) in enumerate(pulled)]
+    return clients, pulled[0][0], updates
+
+
+def _assert_the_mean_of(tmp_path: Path, updates: list[State]) -> None:
+    """The job's final model is FedAvg of ``updates`` (equal weights)."""
+    final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
+    for name in final:
+        expected = sum(update[name] for update in updates) / len(updates)
+        torch.testing.assert_close(final[name], expected.to(final[name].dtype))
+
+
 def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: Path) -> None:
     config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
     with processes(tmp_path) as group:
         group.aggregator(config)
-        clients = [HandmadeClient.joined(config, i) for i in range(4)]
-        pulled = [client.pull() for client in clients]
-        round_ = pulled[0][0]
-        updates = [{k: v + 0.25 * (i + 1) for k, v in state.items()}
-                   for i, (_, state) in enumerate(pulled)]
+        clients, round_, updates = _four_clients_in_a_round(config)
         # Client 0 stops in the middle of its update and resumes later; client 3 stalls for
         # good. Clients 1 and 2 upload in full meanwhile, and are accepted meanwhile.
         paused = HeldUpload(clients[0], round_, updates[0], sent=2)
@@ -106,10 +120,7 @@ def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: P
     record = json.loads((tmp_path / "output" / "history.json").read_text())[0]
     assert (record["clients"], record["rejected"]) == (3, 1)
     # FedAvg of the three accepted updates, equal weights: interleaving changed nothing.
-    final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
-    for name in final:
-        expected = sum(updates[i][name] for i in range(3)) / 3
-        torch.testing.assert_close(final[name], expected.to(final[name].dtype))
+    _assert_the_mean_of(tmp_path, [updates[i] for i in range(3)])
 
 
 def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_trace(
@@ -117,11 +128,7 @@ def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_tra
     config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
     with processes(tmp_path) as group:
         group.aggregator(config)
-        clients = [HandmadeClient.joined(config, i) for i in range(4)]
-        pulled = [client.pull() for client in clients]
-        round_ = pulled[0][0]
-        updates = [{k: v + 0.25 * (i + 1) for k, v in state.items()}
-                   for i, (_, state) in enumerate(pulled)]
+        clients, round_, updates = _four_clients_in_a_round(config)
         # Client 2's last chunk holds a NaN: it is rejected after the rest of its update was
         # checked, held and, past the budget, written to the spill file.
         last = list(updates[2])[-1]
@@ -149,10 +156,7 @@ def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_tra
             pb.PushUpdateReply.REJECTED, pb.PushUpdateReply.ACCEPTED]
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
         assert 0 < spilled() < 4 * chunks * CHUNK
-    final = torch.load(tmp_path / "output" / "model.pt", weights_only=True)
-    for name in final:
-        expected = sum(updates[i][name] for i in (0, 1, 3)) / 3
-        torch.testing.assert_close(final[name], expected.to(final[name].dtype))
+    _assert_the_mean_of(tmp_path, [updates[i] for i in (0, 1, 3)])
 
 
 async def _long_poll(address: str, credentials: grpc.ChannelCredentials, index: int,

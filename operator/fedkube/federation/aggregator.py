@@ -82,7 +82,7 @@ CONFIG_POLL_SECONDS = 2.0
 #: stays at four models (the global one, the accumulator and these two), whatever the number
 #: of clients. Sharing matters because uploads mostly start once the model is sent: with a
 #: budget of its own, received bytes got one model, and 4 clients' 100M-parameter updates
-#: spilled three quarters of their 1.6 GB (a fifth of the round's time went to the file).
+#: spilled three quarters of their 1.6 GB (22% of the round's CPU samples were writes to it).
 IN_FLIGHT_MODELS = 2
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
 #: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
