@@ -1,5 +1,6 @@
-"""Uploads are concurrent, a stalled one blocks nobody, and idle clients hold no threads:
-a real aggregator process over gRPC and mutual TLS, driven by hand-made clients."""
+"""Uploads are concurrent, a stalled one blocks nobody, idle clients hold no threads, and a
+client that restarts is sent the round's model again: a real aggregator process over gRPC
+and mutual TLS, driven by hand-made clients."""
 
 from __future__ import annotations
 
@@ -123,6 +124,26 @@ def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: P
     _assert_the_mean_of(tmp_path, [updates[i] for i in range(3)])
 
 
+def test_a_client_restarted_after_the_model_went_out_is_sent_it_again(tmp_path: Path) -> None:
+    """Every sampled client has the model, then one restarts: its new session takes the old
+    one's place in the round, is sent the whole model again and its update counts."""
+    config = make_config(tmp_path, rounds=1, clients=2, min_clients=2, timeout=120)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(2)]
+        (round_, model), _ = [client.pull() for client in clients]
+        restarted = HandmadeClient.joined(config, 0)
+        again, resent = restarted.pull()
+        assert again == round_
+        for name, tensor in model.items():
+            assert torch.equal(resent[name], tensor), name
+        updates = [{k: v + 1.0 for k, v in model.items()}, {k: v + 3.0 for k, v in model.items()}]
+        for client, update in zip((restarted, clients[1]), updates, strict=True):
+            assert client.push(round_, update).status == pb.PushUpdateReply.ACCEPTED
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round to complete")
+    _assert_the_mean_of(tmp_path, updates)
+
+
 def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_trace(
         tmp_path: Path) -> None:
     config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
@@ -134,7 +155,7 @@ def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_tra
         last = list(updates[2])[-1]
         updates[2][last].view(-1)[-1] = float("nan")
         chunks = len(list(transport.iter_chunks(updates[0], CHUNK)))
-        # Four uploads all but complete at once: 4 models' worth, twice the budget.
+        # Four uploads all but complete at once: 4 models' worth, over twice the budget.
         uploads = [HeldUpload(client, round_, update, sent=chunks - 1)
                    for client, update in zip(clients, updates, strict=True)]
         for upload in uploads:

@@ -10,9 +10,9 @@ threads (torch releases the GIL) so that the loop keeps serving while it runs.
 Uploads are concurrent: each update is read chunk by chunk straight into pieces of the
 received bytes (no assembly), checked as it lands, and folded in one pass once complete.
 Folds are serialized, network reads are not, and no upload waits for another: past
-:data:`IN_FLIGHT_MODELS` models of bytes in flight (the round's serialized model while it is
-sent, and received updates), chunks go to a temporary file, so memory does not grow with
-the number of clients.
+:data:`UPLOAD_MEMORY_MODELS` models of received bytes waiting to be folded, chunks go to a
+temporary file, so memory does not grow with the number of clients. The model a round sends
+is serialized by each client's stream as it goes, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -75,15 +75,13 @@ FINISH_GRACE_SECONDS = 10.0
 JOIN_GRACE_SECONDS = 30.0
 #: How often the aggregator looks for a changed configuration file (a site removed: revoked).
 CONFIG_POLL_SECONDS = 2.0
-#: Models (of the wire's size) that the round's serialized model, until every sampled client
-#: has it, and the received update bytes waiting to be folded share in memory. Beyond it,
-#: arriving chunks are written to a temporary file (the page cache, read back a chunk at a
-#: time when folded): no upload ever waits for another, and the FedAvg aggregator's peak
-#: stays at four models (the global one, the accumulator and these two), whatever the number
-#: of clients. Sharing matters because uploads mostly start once the model is sent: with a
-#: budget of its own, received bytes got one model, and 4 clients' 100M-parameter updates
-#: spilled three quarters of their 1.6 GB (22% of the round's CPU samples were writes to it).
-IN_FLIGHT_MODELS = 2
+#: Models (of the wire's size) of received update bytes held in memory until folded. Beyond
+#: it, arriving chunks are written to a temporary file (the page cache, read back a chunk at a
+#: time when folded): no upload ever waits for another, and the FedAvg aggregator's tensors
+#: stay within 3.5 models (the global one, the accumulator and these), whatever the number of
+#: clients: half a model under four copies for gRPC's buffers and a round's passing chunks
+#: (3.7 copies at 100M parameters in hack/bench_whole_round.py; 2 models of them gave 4.3).
+UPLOAD_MEMORY_MODELS = 1.5
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
 #: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
 UPLOAD_IDLE_SECONDS = 10.0
@@ -277,8 +275,6 @@ class Aggregator:
     def delivered(self, state: Dispatch, client_id: str) -> None:
         """``client_id`` has received the whole model of ``state``."""
         state.delivered.add(client_id)
-        if state.delivered >= state.sampled:
-            state.messages = None
 
     def _unwanted(self, state: Dispatch | None, client_id: str, number: int,
                   late: Mapping[str, Any] | None = None) -> str | None:
@@ -358,9 +354,8 @@ class Aggregator:
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
                 held = reader.held
-                sending = self.model_bytes if state.messages is not None else 0
-                over = (sending + self._held_bytes + len(chunk)
-                        > IN_FLIGHT_MODELS * self.model_bytes)
+                over = (self._held_bytes + len(chunk)
+                        > UPLOAD_MEMORY_MODELS * self.model_bytes)
                 reader.feed(chunk, self._spill if over else None)
                 self._held_bytes += reader.held - held
                 if over:
@@ -465,20 +460,13 @@ class Aggregator:
         count = sample_size(len(connected), strategy_spec.fraction_fit, strategy_spec.min_clients)
         sampled = sample(connected, count,
                          f"{self.spec.clients.data.partitioning.seed}/{number}/{attempt}")
-        metas, messages = await asyncio.to_thread(self._serialize_model)
+        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
         aggregation = await asyncio.to_thread(self.strategy.new_round, self.global_state,
                                               count)
         indices = {client_id: self.registry.index_of(client_id) for client_id in sampled}
-        return TrainingRound(number, sampled, metas, messages, aggregation=aggregation,
+        return TrainingRound(number, sampled, transport.manifest(wire), wire, self.chunk_bytes,
+                             aggregation=aggregation,
                              fold_order=sorted(sampled, key=indices.__getitem__))
-
-    def _serialize_model(self) -> tuple[list[transport.TensorMeta], list[bytes]]:
-        """The global model's manifest and its data chunks as messages, once for every
-        client (in a worker thread)."""
-        wire = transport.encode(self.global_state, self.wire_dtype)
-        return transport.manifest(wire), [
-            protocol.data_message(view)
-            for view in transport.chunk_views(wire, self.chunk_bytes)]
 
     async def _run_round(self, number: int, attempt: int, first: bool) -> TrainingRound:
         strategy_spec = self.spec.strategy
@@ -494,7 +482,7 @@ class Aggregator:
         # Ticks: a sampled client that dies is noticed when its liveness runs out.
         await self._wait_until(lambda: state.complete, deadline, tick=1.0)
         async with self._fold_lock:
-            state.closed = True
+            state.close()
         await self._fold_in_order(state, closing=True)
         self._notify()
         return state
@@ -530,17 +518,17 @@ class Aggregator:
         if not connected:
             return None
         count = min(len(connected), max(1, math.ceil(evaluation.fraction * len(connected))))
-        metas, messages = await asyncio.to_thread(self._serialize_model)
+        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
         state = EvaluationRound(
             number, sample(connected, count,
                            f"{self.spec.clients.data.partitioning.seed}/evaluate/{number}"),
-            metas, messages)
+            transport.manifest(wire), wire, self.chunk_bytes)
         deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
         self.evaluating = state
         self.message = f"round {number}: evaluating on {count} clients"
         self._wake(state.sampled)
         await self._wait_until(lambda: state.complete, deadline, tick=1.0)
-        state.closed = True
+        state.close()
         self.evaluating = None
         summary = state.summary()
         if summary is None:

@@ -226,8 +226,7 @@ class Client:
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=update_header)
-            for view in transport.chunk_views(wire, chunk_bytes):
-                yield protocol.data_message(view)
+            yield from protocol.data_messages(wire, chunk_bytes)
 
         reply = self._push_update(messages(), metadata=self._metadata())
         status = pb.PushUpdateReply.Status.Name(reply.status).lower()

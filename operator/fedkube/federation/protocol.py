@@ -10,9 +10,10 @@ gRPC handed over rather than two further copies through protobuf objects.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
 
+import torch
 from google.protobuf.message import DecodeError, Message
 
 from fedkube.federation import transport
@@ -90,6 +91,13 @@ def data_message(data: bytes | memoryview) -> bytes:
     """A serialized ``TaskChunk``/``UpdateChunk`` holding ``data``: what
     ``TaskChunk(data=data).SerializeToString()`` gives, with one copy."""
     return b"".join((_varint(_DATA_FIELD << 3 | _LENGTH_DELIMITED), _varint(len(data)), data))
+
+
+def data_messages(state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Iterator[bytes]:
+    """An encoded state dict's data chunks as serialized messages, one at a time: a stream
+    holds one chunk of its own, not a serialized copy of the model."""
+    for view in transport.chunk_views(state, chunk_bytes):
+        yield data_message(view)
 
 
 def _read_varint(raw: memoryview, position: int) -> tuple[int, int]:

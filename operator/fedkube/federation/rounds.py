@@ -11,6 +11,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from fedkube.federation import transport
 from fedkube.federation.strategies import Round
 from fedkube.federation.strategies.base import ReceivedUpdate
@@ -34,9 +36,12 @@ class Dispatch:
     """The round (being trained, or whose model is evaluated)."""
     sampled: set[str]
     metas: list[transport.TensorMeta]
-    messages: list[bytes] | None
-    """The model as serialized data chunks, shared by every client's stream; dropped once
-    every sampled client has it."""
+    wire: dict[str, Tensor] | None
+    """The model as it goes on the wire (:func:`~fedkube.federation.transport.encode`: the
+    global model's own tensors when they travel in their dtype), until :meth:`close`. Each
+    client's stream serializes its chunks as it sends them, so no serialized copy of the
+    model is kept."""
+    chunk_bytes: int
     dispatched: set[str] = field(default_factory=set)
     """Sampled clients the model is being sent to."""
     delivered: set[str] = field(default_factory=set)
@@ -50,6 +55,13 @@ class Dispatch:
     @property
     def complete(self) -> bool:
         return self.answered >= self.sampled
+
+    def close(self) -> None:
+        """No client is sent this model any more: streams under way keep the model they
+        took, and the dispatch lets go of it, so a finished round does not keep the previous
+        global model alive beside the next one."""
+        self.closed = True
+        self.wire = None
 
     def may_hand_over(self, old: str) -> bool:
         """Whether ``old``'s place may go to a new session of its client: not once it

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedkube.aggregator")
 
-#: Models streamed to clients at once. The streams share the round's serialized model, but
-#: each holds a chunk or so in gRPC's buffers: memory would grow with the sampled clients.
+#: Models streamed to clients at once. Each stream holds a chunk or so (the one it serializes
+#: and gRPC's copy): memory would grow with the sampled clients.
 MAX_CONCURRENT_SENDS = 8
 
 
@@ -138,7 +138,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
         session = await self._authenticate(context)
         aggregator = self.aggregator
         state = await aggregator.next_assignment(session.client_id, request.wait_seconds)
-        if state is None:
+        # Taken before the first yield: a dispatch lets go of its model once it closes.
+        wire = state.wire if state is not None else None
+        if state is None or wire is None:
             action = pb.TaskHeader.FINISHED if aggregator.finished else pb.TaskHeader.WAIT
             yield pb.TaskChunk(header=pb.TaskHeader(action=action))
             return
@@ -149,11 +151,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
             header = pb.TaskHeader(action=pb.TaskHeader.TRAIN, round=state.number,
                                    proximal_mu=aggregator.strategy.proximal_mu,
                                    tensors=protocol.to_specs(state.metas))
-        messages = state.messages
-        assert messages is not None, "the model is dropped only once every client has it"
         yield pb.TaskChunk(header=header)
         async with self._send_slots:
-            for message in messages:
+            for message in protocol.data_messages(wire, state.chunk_bytes):
                 self.metrics.model_bytes.inc(len(message))
                 yield message
         aggregator.delivered(state, session.client_id)
