@@ -9,19 +9,24 @@ million parameters in all.
 fedkube (``.venv``), over mutual TLS as in production:
   one aggregator process, ``python -m fedkube.cli aggregator --config CONFIG``, and 4 client
   processes, ``python -m fedkube.cli client --config CONFIG --index I --tls-dir DIR``, with
-  the certificates ``fedkube run`` writes. With ``--plaintext``, in plaintext like Flower
+  the certificates ``fedkube run`` writes. With ``--plaintext``, in plaintext on both sides
   (``security.tls.mode: Disabled``, clients without ``--tls-dir``). The task is
   :class:`NoTrainingTask` in this file (entrypoint ``bench_whole_round:task``,
   ``PYTHONPATH=hack``): a ``torch.nn.Sequential`` of 4 ``Linear(width, width)``; no central
   test set. The job checkpoints only after its last round (``checkpoint.everyRounds =
   rounds``; Flower saves nothing), all else is the spec's defaults.
 
-Flower (``--flower-python``'s virtualenv, Flower 1.41), insecure HTTP on 127.0.0.1 (no TLS:
-this favours Flower):
-  ``flower-superlink --insecure --disable-runtime-dependency-installation`` (it starts a
-  ``flower-superexec``, which starts one ``flwr-serverapp`` process for the run), 4
-  ``flower-supernode --insecure`` (each starts a ``flower-superexec`` that runs the ClientApp
-  in a ``flwr-clientapp`` process per message), and ``flwr run hack/flower_bench_app``. The
+Flower (``--flower-python``'s virtualenv, Flower 1.41), over HTTPS on 127.0.0.1 as its TLS
+guide sets it up (a CA and a server certificate for 127.0.0.1, issued here; server-side TLS,
+Flower's SuperNodes present no certificate), or plain HTTP with ``--plaintext``:
+  ``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile
+  server.key --disable-runtime-dependency-installation`` (``--insecure`` instead of the
+  certificates with ``--plaintext``; it serves its Fleet, Control and Runtime APIs on one
+  port and starts a ``flower-superexec``, which starts one ``flwr-serverapp`` process for the
+  run; the ServerApp reaches the SuperLink over the same HTTPS), 4 ``flower-supernode
+  --root-certificates ca.crt`` (each starts a ``flower-superexec`` that runs the ClientApp
+  in a ``flwr-clientapp`` process per message), and ``flwr run hack/flower_bench_app`` with
+  ``root-certificates`` in its configuration. The
   app's ServerApp runs Flower's message-API FedAvg (``flwr.serverapp.strategy.FedAvg``,
   ``fraction_train=1``, ``fraction_evaluate=0``, all 4 nodes) from numpy arrays of the same
   shapes; its ClientApp returns the received arrays plus 0.001 with ``num-examples`` 10.
@@ -40,10 +45,11 @@ Measured, per side and size:
   summed user+system CPU time. CPU seconds
   cover each process's whole life (start-up, all rounds, fedkube's final save). The clients
   and the ``flwr run`` command are not counted.
-  model copies: (peak RSS - idle RSS) / model bytes, the idle RSS being the server side's
-  before round 1: the aggregator's once it answers ``/status`` (its model built, no client
-  started); Flower's summed RSS in the last sample before its round 1 (the ServerApp started,
-  its initial arrays built).
+  model copies: 1 + (peak RSS - idle RSS) / model bytes, the idle RSS being the server
+  side's before round 1, which holds the global model once: the aggregator's once it answers
+  ``/status`` (its model built, no client started); Flower's summed RSS in the last sample
+  before its round 1 (the ServerApp started, its initial arrays built). The rest of the idle
+  RSS (the interpreter, torch or numpy, gRPC) is not a copy of the model.
 
     .venv/bin/python hack/bench_whole_round.py --flower-python .venv-bench/bin/python \\
         [--sizes 25,100] [--rounds 3] [--plaintext] [--quick] [--keep]
@@ -160,7 +166,9 @@ class Measurement:
         return statistics.fmean(later)
 
     def copies(self, model_bytes: int) -> float:
-        return (self.peak_rss - self.idle_rss) / model_bytes
+        """Models held at the peak: the idle process's global model and what the rounds
+        added."""
+        return 1 + (self.peak_rss - self.idle_rss) / model_bytes
 
 
 class SideFailed(Exception):
@@ -480,17 +488,44 @@ def flwr_json(bin_dir: Path, args: list[str], env: Mapping[str, str], cwd: Path)
                        f"{done.stdout}{done.stderr}")
 
 
+def flower_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and the SuperLink's certificate for 127.0.0.1, as Flower's TLS guide lays them
+    out (``ca.crt``, ``server.pem``, ``server.key``), issued with fedkube's own PKI code."""
+    from datetime import UTC, datetime, timedelta
+
+    from fedkube import pki
+
+    folder.mkdir(parents=True)
+    now, valid = datetime.now(UTC), timedelta(days=1)
+    ca = pki.issue_ca("bench", "flower", now, valid)
+    server = pki.issue_server(ca, "bench", "flower", ["127.0.0.1", "localhost"], now, valid)
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    for path, content in zip(paths, (ca.cert, server.cert, server.key), strict=True):
+        path.write_bytes(content)
+    return paths
+
+
 def run_flower(width: int, rounds: int, folder: Path, bin_dir: Path,
-               timeout: float) -> Measurement:
-    """SuperLink, 4 SuperNodes and ``flwr run``, insecure; see the module docstring."""
+               timeout: float, tls: bool) -> Measurement:
+    """SuperLink, 4 SuperNodes and ``flwr run``, over TLS unless not ``tls``; see the module
+    docstring."""
     from fedkube.local import free_port
 
     home = folder / "flwr-home"
     home.mkdir(parents=True)
     port, node_ports = free_port(), [free_port() for _ in range(CLIENTS)]
+    if tls:
+        ca, cert, key = flower_certificates(folder / "certificates")
+        link_security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+                         "--ssl-keyfile", str(key)]
+        node_security = ["--root-certificates", str(ca)]
+        cli_security = f'root-certificates = "{ca}"\n'
+    else:
+        link_security, node_security, cli_security = ["--insecure"], ["--insecure"], \
+            "insecure = true\n"
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{FLOWER_CONNECTION}"\n\n[superlink.{FLOWER_CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{port}"\n{cli_security}')
     env = flower_env(bin_dir, home)
     timings = folder / "rounds.json"
     logs = [folder / "superlink.log", *(folder / f"supernode-{i}.log" for i in range(CLIENTS))]
@@ -507,7 +542,7 @@ def run_flower(width: int, rounds: int, folder: Path, bin_dir: Path,
                 tails.append("--- flwr log (the ServerApp's):\n" + "\n".join(lines))
         return SideFailed("Flower: " + reason + "\n" + "\n".join(tails))
 
-    superlink = start([str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port),
+    superlink = start([str(bin_dir / "flower-superlink"), *link_security, "--port", str(port),
                        "--disable-runtime-dependency-installation"], logs[0], env, cwd=folder)
     sampler = TreeSampler(superlink.pid)
     supernodes: list[subprocess.Popen[bytes]] = []
@@ -522,7 +557,7 @@ def run_flower(width: int, rounds: int, folder: Path, bin_dir: Path,
         sampler.start()
         for index, node_port in enumerate(node_ports):
             supernodes.append(start(
-                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
+                [str(bin_dir / "flower-supernode"), *node_security, "--superlink",
                  f"127.0.0.1:{port}", "--port", str(node_port), "--node-config",
                  f"partition-id={index} num-partitions={CLIENTS}"],
                 logs[1 + index], env, cwd=folder))
@@ -613,8 +648,8 @@ def print_targets(rows: list[Row]) -> None:
         ratio, copies = flower.per_round / fedkube.per_round, fedkube.copies(params * 4)
         print(f"target at 100M: Flower/fedkube {ratio:.1f}x (>= 10x: "
               f"{'met' if ratio >= 10 else 'NOT met'}); aggregator peak {copies:.2f} model "
-              f"copies over idle (<= 4: {'met' if copies <= 4 else 'NOT met'}), "
-              f"{fedkube.peak_rss / (params * 4):.2f} in all")
+              f"copies (<= 4: {'met' if copies <= 4 else 'NOT met'}); its whole peak RSS is "
+              f"{fedkube.peak_rss / (params * 4):.2f} models' bytes")
 
 
 def print_details(label: str, name: str, result: Measurement) -> None:
@@ -646,8 +681,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds each side may take per size (default: 1800)")
     parser.add_argument("--plaintext", action="store_true",
-                        help="run fedkube without TLS (security.tls.mode Disabled), as Flower "
-                             "runs here")
+                        help="run both sides without TLS (fedkube's security.tls.mode "
+                             "Disabled, Flower's --insecure)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: one 2M-parameter model, 1 round")
     parser.add_argument("--keep", action="store_true",
@@ -667,8 +702,7 @@ def main() -> int:
     print(f"FedAvg whole rounds, {CLIENTS} clients, no training, {rounds} round(s) per size; "
           f"fedkube (torch {torch.__version__}, "
           f"{'plaintext' if args.plaintext else 'mutual TLS'}) vs Flower {flower_version} "
-          "deployment engine (insecure HTTP on localhost"
-          f"{'' if args.plaintext else ': favours Flower'})")
+          f"deployment engine ({'plain HTTP' if args.plaintext else 'HTTPS'} on localhost)")
     print(f"{os.cpu_count()} CPUs; load average before: "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     rows = []
@@ -685,7 +719,7 @@ def main() -> int:
                                       args.timeout, tls=not args.plaintext)
                 print_details(label, "fedkube", fedkube)
                 flower = run_flower(width, rounds, Path(tmp) / f"flower-{label}", bin_dir,
-                                    args.timeout)
+                                    args.timeout, tls=not args.plaintext)
                 print_details(label, "Flower ", flower)
             except SideFailed as error:
                 print(error, file=sys.stderr)
@@ -695,7 +729,7 @@ def main() -> int:
     print(f"\ns/round: mean of rounds 2..{rounds} (round 1 includes the clients' start-up)"
           if rounds > 1 else "\ns/round: the one round (it includes the clients' start-up)")
     print("server side: fedkube's aggregator; Flower's SuperLink + SuperExec + flwr-serverapp;"
-          " copies: (peak - idle RSS) / model bytes")
+          " copies: 1 + (peak - idle RSS) / model bytes")
     print_table(rows)
     print_targets(rows)
     return 0
