@@ -272,10 +272,6 @@ class Aggregator:
             if woken is not None:
                 woken.set()
 
-    def delivered(self, state: Dispatch, client_id: str) -> None:
-        """``client_id`` has received the whole model of ``state``."""
-        state.delivered.add(client_id)
-
     def _unwanted(self, state: Dispatch | None, client_id: str, number: int,
                   late: Mapping[str, Any] | None = None) -> str | None:
         """Why a client's answer for round ``number`` is not taken, counted; None if it is.

@@ -44,8 +44,6 @@ class Dispatch:
     chunk_bytes: int
     dispatched: set[str] = field(default_factory=set)
     """Sampled clients the model is being sent to."""
-    delivered: set[str] = field(default_factory=set)
-    """Sampled clients the whole model was sent to."""
     receiving: set[str] = field(default_factory=set)
     """Clients whose answer is arriving now."""
     answered: set[str] = field(default_factory=set)
@@ -76,7 +74,6 @@ class Dispatch:
             return False
         self.sampled = self.sampled - {old} | {new}
         self.dispatched.discard(old)
-        self.delivered.discard(old)
         return True
 
 

@@ -156,7 +156,6 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
             for message in protocol.data_messages(wire, state.chunk_bytes):
                 self.metrics.model_bytes.inc(len(message))
                 yield message
-        aggregator.delivered(state, session.client_id)
 
     async def PushUpdate(self, request_iterator: AsyncIterator[_Chunk],
                          context: grpc.aio.ServicerContext) -> pb.PushUpdateReply:
