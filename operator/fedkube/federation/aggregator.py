@@ -456,13 +456,18 @@ class Aggregator:
         count = sample_size(len(connected), strategy_spec.fraction_fit, strategy_spec.min_clients)
         sampled = sample(connected, count,
                          f"{self.spec.clients.data.partitioning.seed}/{number}/{attempt}")
-        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
+        metas, wire = await asyncio.to_thread(self._encode_model)
         aggregation = await asyncio.to_thread(self.strategy.new_round, self.global_state,
                                               count)
         indices = {client_id: self.registry.index_of(client_id) for client_id in sampled}
-        return TrainingRound(number, sampled, transport.manifest(wire), wire, self.chunk_bytes,
-                             aggregation=aggregation,
+        return TrainingRound(number, sampled, metas, wire, aggregation=aggregation,
                              fold_order=sorted(sampled, key=indices.__getitem__))
+
+    def _encode_model(self) -> tuple[list[transport.TensorMeta], dict[str, torch.Tensor]]:
+        """The global model's manifest and its tensors as they go on the wire (in a worker
+        thread: a 16-bit wire dtype converts every tensor)."""
+        wire = transport.encode(self.global_state, self.wire_dtype)
+        return transport.manifest(wire), wire
 
     async def _run_round(self, number: int, attempt: int, first: bool) -> TrainingRound:
         strategy_spec = self.spec.strategy
@@ -514,11 +519,11 @@ class Aggregator:
         if not connected:
             return None
         count = min(len(connected), max(1, math.ceil(evaluation.fraction * len(connected))))
-        wire = await asyncio.to_thread(transport.encode, self.global_state, self.wire_dtype)
+        metas, wire = await asyncio.to_thread(self._encode_model)
         state = EvaluationRound(
             number, sample(connected, count,
                            f"{self.spec.clients.data.partitioning.seed}/evaluate/{number}"),
-            transport.manifest(wire), wire, self.chunk_bytes)
+            metas, wire)
         deadline = time.monotonic() + self.spec.strategy.round_timeout_seconds
         self.evaluating = state
         self.message = f"round {number}: evaluating on {count} clients"

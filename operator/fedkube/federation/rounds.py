@@ -41,7 +41,6 @@ class Dispatch:
     global model's own tensors when they travel in their dtype), until :meth:`close`. Each
     client's stream serializes its chunks as it sends them, so no serialized copy of the
     model is kept."""
-    chunk_bytes: int
     dispatched: set[str] = field(default_factory=set)
     """Sampled clients the model is being sent to."""
     receiving: set[str] = field(default_factory=set)

@@ -153,7 +153,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
                                    tensors=protocol.to_specs(state.metas))
         yield pb.TaskChunk(header=header)
         async with self._send_slots:
-            for message in protocol.data_messages(wire, state.chunk_bytes):
+            for message in protocol.data_messages(wire, aggregator.chunk_bytes):
                 self.metrics.model_bytes.inc(len(message))
                 yield message
 
