@@ -564,6 +564,13 @@ class Aggregator:
             self.metrics.federated_loss.set(federated.loss)
             self.metrics.federated_accuracy.set(federated.accuracy)
         self.history.append(record)
+        every = self.spec.aggregator.checkpoint.every_rounds
+        if state.number % every == 0 or state.number == self.spec.rounds:
+            saved = checkpoint.Checkpoint(
+                state.number, self.global_state, self.strategy.state_dict(),
+                [r.as_dict() for r in self.history], self._job)
+            await asyncio.to_thread(checkpoint.save, self.config.checkpoint_dir, saved)
+        # Reported once saved: a round /status and the metrics count survives a restart.
         self.completed = state.number
         self.metrics.round.set(state.number)
         self.metrics.round_duration.observe(duration)
@@ -573,12 +580,6 @@ class Aggregator:
         log.info("round %d/%d: loss %s accuracy %s (%d clients, %d rejected, %.2fs)",
                  state.number, self.spec.rounds, _format(loss), _format(accuracy),
                  state.accepted, state.rejected, duration)
-        every = self.spec.aggregator.checkpoint.every_rounds
-        if state.number % every == 0 or state.number == self.spec.rounds:
-            saved = checkpoint.Checkpoint(
-                state.number, self.global_state, self.strategy.state_dict(),
-                [r.as_dict() for r in self.history], self._job)
-            await asyncio.to_thread(checkpoint.save, self.config.checkpoint_dir, saved)
 
     @property
     def _job(self) -> str:
