@@ -144,14 +144,47 @@ def test_a_client_restarted_after_the_model_went_out_is_sent_it_again(tmp_path: 
     _assert_the_mean_of(tmp_path, updates)
 
 
-def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_trace(
+def _spilled(config: Path) -> float:
+    return metric_value(http_get(config, "/metrics"), "fedkube_update_bytes_spilled_total",
+                        job="test")
+
+
+def test_uploads_past_the_memory_budget_wait_for_folds_rather_than_spill(
+        tmp_path: Path) -> None:
+    """Four updates at once, each a model's worth, hold more than the aggregator keeps in
+    memory: those behind the next to fold wait for it instead of writing to the spill file."""
+    config = make_config(tmp_path, rounds=1, clients=4, min_clients=4, timeout=120,
+                         task_config={"hidden": 4096, "lr": 0.1})
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients, round_, updates = _four_clients_in_a_round(config)
+        replies: list[pb.PushUpdateReply | None] = [None] * 4
+
+        def push(index: int) -> None:
+            replies[index] = clients[index].push(round_, updates[index])
+
+        uploads = [threading.Thread(target=push, args=(i,), daemon=True) for i in (3, 2, 1, 0)]
+        for upload in uploads:
+            upload.start()
+        for upload in uploads:
+            upload.join(60)
+        assert [reply.status if reply else None for reply in replies] == [
+            pb.PushUpdateReply.ACCEPTED] * 4
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
+        assert _spilled(config) == 0
+    _assert_the_mean_of(tmp_path, updates)
+
+
+def test_uploads_behind_a_stalled_one_spill_and_a_rejected_one_leaves_no_trace(
         tmp_path: Path) -> None:
     config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)
     with processes(tmp_path) as group:
         group.aggregator(config)
         clients, round_, updates = _four_clients_in_a_round(config)
-        # Client 2's last chunk holds a NaN: it is rejected after the rest of its update was
-        # checked, held and, past the budget, written to the spill file.
+        # Client 0's upload, the next to fold, stops before its last chunk: the others wait
+        # MEMORY_WAIT_SECONDS for a fold, then write what the memory budget does not hold to
+        # the spill file. Client 2's last chunk holds a NaN: it is rejected after the rest of
+        # its update was checked, held or spilled.
         last = list(updates[2])[-1]
         updates[2][last].view(-1)[-1] = float("nan")
         chunks = len(list(transport.iter_chunks(updates[0], CHUNK)))
@@ -162,11 +195,7 @@ def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_tra
             upload.start()
             assert upload.started_sending.wait(30)
 
-        def spilled() -> float:
-            return metric_value(http_get(config, "/metrics"),
-                                "fedkube_update_bytes_spilled_total", job="test")
-
-        wait_for(spilled, 30, "chunks past the memory budget to be spilled")
+        wait_for(lambda: _spilled(config), 30, "chunks past the memory budget to be spilled")
         for upload in uploads:
             upload.resume.set()
             upload.join(60)
@@ -176,7 +205,7 @@ def test_uploads_beyond_the_memory_budget_spill_and_a_rejected_one_leaves_no_tra
             pb.PushUpdateReply.ACCEPTED, pb.PushUpdateReply.ACCEPTED,
             pb.PushUpdateReply.REJECTED, pb.PushUpdateReply.ACCEPTED]
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
-        assert 0 < spilled() < 4 * chunks * CHUNK
+        assert 0 < _spilled(config) < 4 * chunks * CHUNK
     _assert_the_mean_of(tmp_path, [updates[i] for i in (0, 1, 3)])
 
 

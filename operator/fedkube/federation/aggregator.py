@@ -9,10 +9,12 @@ threads (torch releases the GIL) so that the loop keeps serving while it runs.
 
 Uploads are concurrent: each update is read chunk by chunk straight into pieces of the
 received bytes (no assembly), checked as it lands, and folded in one pass once complete.
-Folds are serialized, network reads are not, and no upload waits for another: past
-:data:`UPLOAD_MEMORY_MODELS` models of received bytes waiting to be folded, chunks go to a
-temporary file, so memory does not grow with the number of clients. The model a round sends
-is serialized by each client's stream as it goes, a chunk at a time.
+Folds are serialized, network reads are not. Received bytes waiting to be folded hold at most
+:data:`UPLOAD_MEMORY_MODELS` models of memory, a model of it kept for the update next in fold
+order; past that, the next few uploads in fold order wait for folds to free memory while folds
+keep coming, and any other upload writes its chunks to a temporary file, so memory does not
+grow with the number of clients and a stalled upload holds up no other for long. The model a
+round sends is serialized by each client's stream as it goes, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -77,11 +79,23 @@ JOIN_GRACE_SECONDS = 30.0
 CONFIG_POLL_SECONDS = 2.0
 #: Models (of the wire's size) of received update bytes held in memory until folded. Beyond
 #: it, arriving chunks are written to a temporary file (the page cache, read back a chunk at a
-#: time when folded): no upload ever waits for another, and the FedAvg aggregator's tensors
-#: stay within 3.5 models (the global one, the accumulator and these), whatever the number of
-#: clients: half a model under four copies for gRPC's buffers and a round's passing chunks
-#: (3.7 copies at 100M parameters in hack/bench_whole_round.py; 2 models of them gave 4.3).
+#: time when folded), and the FedAvg aggregator's tensors stay within 3.5 models (the global
+#: one, the accumulator and these), whatever the number of clients: half a model under four
+#: copies for gRPC's buffers and a round's passing chunks (3.7 copies at 100M parameters in
+#: hack/bench_whole_round.py; 2 models of them gave 4.3). One model of it is the share of the
+#: update next in fold order, which frees its memory as soon as it is complete; the others
+#: share the rest (:meth:`Aggregator._memory_share`).
 UPLOAD_MEMORY_MODELS = 1.5
+#: An upload among the next this many in fold order whose chunk finds its share of memory
+#: taken waits for the uploads ahead of it to be folded instead of writing to the spill file,
+#: for as long as a fold comes at least every :data:`MEMORY_WAIT_SECONDS`; after that, and for
+#: uploads further behind, chunks that do not fit are spilled. Writing a chunk to the page
+#: cache and reading it back costs more CPU than receiving it (hack/bench_whole_round.py: 20%
+#: of the aggregator's CPU at 100M parameters), while waiting costs nothing when the
+#: aggregator, not the network, sets the pace; the bound keeps a stalled upload from holding
+#: up the others for longer than that.
+MEMORY_WAITERS = 8
+MEMORY_WAIT_SECONDS = 2.0
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
 #: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
 UPLOAD_IDLE_SECONDS = 10.0
@@ -346,12 +360,13 @@ class Aggregator:
             reader = state.aggregation.reader(metas)
         except UpdateRejected as error:
             return error.reason
-        queued = False
+        queued, waits = False, True
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
+                if waits:
+                    waits = await self._wait_for_memory(state, client_id, len(chunk))
                 held = reader.held
-                over = (self._held_bytes + len(chunk)
-                        > UPLOAD_MEMORY_MODELS * self.model_bytes)
+                over = self._held_bytes + len(chunk) > self._memory_share(state, client_id)
                 reader.feed(chunk, self._spill if over else None)
                 self._held_bytes += reader.held - held
                 if over:
@@ -388,11 +403,48 @@ class Aggregator:
                 state.folded += 1
                 pending = state.pending.pop(client_id, None)
                 if pending is None:
+                    self._notify()  # another upload is next to fold (_memory_share)
                     continue
                 with pending.update, self.metrics.aggregation_duration.time():
                     await asyncio.to_thread(state.aggregation.accept, pending.update,
                                             pending.num_examples)
                 self._held_bytes -= pending.held_bytes
+                self._notify()  # uploads waiting for memory (_wait_for_memory)
+
+    def _memory_share(self, state: TrainingRound, client_id: str) -> float:
+        """The most received bytes memory may hold with a chunk of ``client_id``'s upload
+        among them (past it, the chunk is spilled): the whole budget for the update next in
+        fold order, which is folded and frees its memory as soon as it is complete; a model
+        less for the others, which wait for it."""
+        budget = UPLOAD_MEMORY_MODELS * self.model_bytes
+        next_to_fold = (state.folded < len(state.fold_order)
+                        and state.fold_order[state.folded] == client_id)
+        return budget if next_to_fold else budget - self.model_bytes
+
+    async def _wait_for_memory(self, state: TrainingRound, client_id: str, size: int) -> bool:
+        """Wait until a chunk of ``size`` bytes fits ``client_id``'s share of memory
+        (:meth:`_memory_share`), if its upload is among the next :data:`MEMORY_WAITERS` in
+        fold order (one further behind does not wait: its chunk is spilled), for as long as
+        folds keep coming. False once it waited :data:`MEMORY_WAIT_SECONDS` for a fold: the
+        upload then spills what does not fit without waiting again. :class:`_RoundClosed` if
+        the round ends meanwhile."""
+        def fits() -> bool:
+            return (state.closed
+                    or self._held_bytes + size <= self._memory_share(state, client_id))
+
+        while not fits():
+            ahead = state.fold_order[state.folded:state.folded + MEMORY_WAITERS + 1]
+            if client_id not in ahead:
+                return True
+
+            def fits_or_folded(folded: int = state.folded) -> bool:
+                return fits() or state.folded != folded
+
+            if not await self._wait_until(fits_or_folded, time.monotonic() + MEMORY_WAIT_SECONDS):
+                return False
+        if state.closed:
+            raise _RoundClosed
+        return True
 
     @staticmethod
     async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes | memoryview],
