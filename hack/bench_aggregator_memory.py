@@ -1,13 +1,13 @@
 """Aggregator peak memory (RSS) for FedAvg with 50 clients vs 5 clients, side by side.
 
-FedAvg folds each update into one accumulator, and holds at most one model of received
-bytes in memory (the rest waits in a temporary file), so the aggregator's memory must not
-grow with the number of clients. This runs a real aggregator process twice on a ~34 MB
-model, driven by lightweight in-process gRPC clients (threads of this process that pull the
-global model and push it back perturbed), and compares the aggregator's peak RSS and CPU
-time, both read from the kernel when the process is reaped (``wait4``). Prints the ratios
-and the CPU time per GB of model traffic; exits 1 when 50 clients need more than 10% memory
-over 5 clients.
+FedAvg folds each update into one accumulator, and holds at most one and a half models of
+received bytes in memory (the uploads behind wait for folds, or spill to a temporary file),
+so the aggregator's memory must not grow with the number of clients. This runs a real
+aggregator process twice on a ~34 MB model, driven by lightweight in-process gRPC clients
+(threads of this process that pull the global model and push it back perturbed), and
+compares the aggregator's peak RSS and CPU time, both read from the kernel when the process
+is reaped (``wait4``). Prints the ratios and the CPU time per GB of model traffic; exits 1
+when 50 clients need more than 10% memory over 5 clients.
 
     python hack/bench_aggregator_memory.py [--chunk-bytes N] [--plaintext]
 """

@@ -86,14 +86,14 @@ CONFIG_POLL_SECONDS = 2.0
 #: update next in fold order, which frees its memory as soon as it is complete; the others
 #: share the rest (:meth:`Aggregator._memory_share`).
 UPLOAD_MEMORY_MODELS = 1.5
-#: An upload among the next this many in fold order whose chunk finds its share of memory
-#: taken waits for the uploads ahead of it to be folded instead of writing to the spill file,
-#: for as long as a fold comes at least every :data:`MEMORY_WAIT_SECONDS`; after that, and for
-#: uploads further behind, chunks that do not fit are spilled. Writing a chunk to the page
-#: cache and reading it back costs more CPU than receiving it (hack/bench_whole_round.py: 20%
-#: of the aggregator's CPU at 100M parameters), while waiting costs nothing when the
-#: aggregator, not the network, sets the pace; the bound keeps a stalled upload from holding
-#: up the others for longer than that.
+#: An upload among the next this many in fold order after the one next to fold, whose chunk
+#: finds its share of memory taken, waits for the uploads ahead of it to be folded instead of
+#: writing to the spill file, for as long as a fold comes at least every
+#: :data:`MEMORY_WAIT_SECONDS`; after that, and for uploads further behind, chunks that do not
+#: fit are spilled. Writing a chunk to the page cache and reading it back costs more CPU than
+#: receiving it (hack/bench_whole_round.py, 100M parameters: 12-16% of the aggregator's CPU),
+#: while waiting costs nothing when the aggregator, not the network, sets the pace; the bound
+#: keeps a stalled upload from holding up the others for longer than that.
 MEMORY_WAITERS = 8
 MEMORY_WAIT_SECONDS = 2.0
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
@@ -423,8 +423,8 @@ class Aggregator:
 
     async def _wait_for_memory(self, state: TrainingRound, client_id: str, size: int) -> bool:
         """Wait until a chunk of ``size`` bytes fits ``client_id``'s share of memory
-        (:meth:`_memory_share`), if its upload is among the next :data:`MEMORY_WAITERS` in
-        fold order (one further behind does not wait: its chunk is spilled), for as long as
+        (:meth:`_memory_share`), if its upload is among the :data:`MEMORY_WAITERS` after the
+        one next to fold (one further behind does not wait: its chunk is spilled), for as long as
         folds keep coming. False once it waited :data:`MEMORY_WAIT_SECONDS` for a fold: the
         upload then spills what does not fit without waiting again. :class:`_RoundClosed` if
         the round ends meanwhile."""
