@@ -89,11 +89,12 @@ UPLOAD_MEMORY_MODELS = 1.5
 #: An upload among the next this many in fold order after the one next to fold, whose chunk
 #: finds its share of memory taken, waits for the uploads ahead of it to be folded instead of
 #: writing to the spill file, for as long as a fold comes at least every
-#: :data:`MEMORY_WAIT_SECONDS`; after that, and for uploads further behind, chunks that do not
-#: fit are spilled. Writing a chunk to the page cache and reading it back costs more CPU than
-#: receiving it (hack/bench_whole_round.py, 100M parameters: 12-16% of the aggregator's CPU),
-#: while waiting costs nothing when the aggregator, not the network, sets the pace; the bound
-#: keeps a stalled upload from holding up the others for longer than that.
+#: :data:`MEMORY_WAIT_SECONDS`. Once one waited that long, the round's uploads spill what does
+#: not fit until the next fold, and so do uploads further behind. Writing a chunk to the page
+#: cache and reading it back costs more CPU than receiving it (hack/bench_whole_round.py, 100M
+#: parameters: 12-16% of the aggregator's CPU), while waiting costs nothing when the aggregator,
+#: not the network, sets the pace; the bound keeps a stalled upload from holding up the others
+#: for longer than that.
 MEMORY_WAITERS = 8
 MEMORY_WAIT_SECONDS = 2.0
 #: An upload that sends no chunk for this long (longer for chunks that take longer at
@@ -360,11 +361,10 @@ class Aggregator:
             reader = state.aggregation.reader(metas)
         except UpdateRejected as error:
             return error.reason
-        queued, waits = False, True
+        queued = False
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
-                if waits:
-                    waits = await self._wait_for_memory(state, client_id, len(chunk))
+                await self._wait_for_memory(state, client_id, len(chunk))
                 held = reader.held
                 over = self._held_bytes + len(chunk) > self._memory_share(state, client_id)
                 reader.feed(chunk, self._spill if over else None)
@@ -421,30 +421,32 @@ class Aggregator:
                         and state.fold_order[state.folded] == client_id)
         return budget if next_to_fold else budget - self.model_bytes
 
-    async def _wait_for_memory(self, state: TrainingRound, client_id: str, size: int) -> bool:
+    async def _wait_for_memory(self, state: TrainingRound, client_id: str, size: int) -> None:
         """Wait until a chunk of ``size`` bytes fits ``client_id``'s share of memory
         (:meth:`_memory_share`), if its upload is among the :data:`MEMORY_WAITERS` after the
-        one next to fold (one further behind does not wait: its chunk is spilled), for as long as
-        folds keep coming. False once it waited :data:`MEMORY_WAIT_SECONDS` for a fold: the
-        upload then spills what does not fit without waiting again. :class:`_RoundClosed` if
-        the round ends meanwhile."""
+        one next to fold, for as long as folds keep coming; otherwise the chunk is spilled.
+        An upload that waits :data:`MEMORY_WAIT_SECONDS` for a fold stops every upload of the
+        round from waiting until the next fold (:attr:`TrainingRound.spill_until_fold`): the
+        one next to fold stalled or has not started, and a wait for it only delays the
+        others. :class:`_RoundClosed` if the round ends meanwhile."""
         def fits() -> bool:
             return (state.closed
                     or self._held_bytes + size <= self._memory_share(state, client_id))
 
         while not fits():
             ahead = state.fold_order[state.folded:state.folded + MEMORY_WAITERS + 1]
-            if client_id not in ahead:
-                return True
+            if client_id not in ahead or state.spill_until_fold == state.folded:
+                return
 
             def fits_or_folded(folded: int = state.folded) -> bool:
-                return fits() or state.folded != folded
+                return fits() or state.folded != folded or state.spill_until_fold == folded
 
             if not await self._wait_until(fits_or_folded, time.monotonic() + MEMORY_WAIT_SECONDS):
-                return False
+                state.spill_until_fold = state.folded
+                self._notify()  # the other waiting uploads stop waiting too
+                return
         if state.closed:
             raise _RoundClosed
-        return True
 
     @staticmethod
     async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes | memoryview],

@@ -104,6 +104,9 @@ class TrainingRound(Dispatch):
     pending: dict[str, PendingUpdate] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     """Clients whose update was rejected."""
+    spill_until_fold: int = -1
+    """:attr:`folded` when an upload last gave up waiting for memory: until the next fold,
+    uploads spill what does not fit rather than wait."""
 
     def may_hand_over(self, old: str) -> bool:
         """Also after a rejected update: a client that crashed mid-upload and restarted
