@@ -434,8 +434,9 @@ class Aggregator:
                     or self._held_bytes + size <= self._memory_share(state, client_id))
 
         while not fits():
-            ahead = state.fold_order[state.folded:state.folded + MEMORY_WAITERS + 1]
-            if client_id not in ahead or state.spill_until_fold == state.folded:
+            # Not the one next to fold: only its own fold could make room for it.
+            behind = state.fold_order[state.folded + 1:state.folded + MEMORY_WAITERS + 1]
+            if client_id not in behind or state.spill_until_fold == state.folded:
                 return
 
             def fits_or_folded(folded: int = state.folded) -> bool:
