@@ -84,7 +84,7 @@ CONFIG_POLL_SECONDS = 2.0
 #: copies for gRPC's buffers and a round's passing chunks (3.7 copies at 100M parameters in
 #: hack/bench_whole_round.py; 2 models of them gave 4.3). One model of it is the share of the
 #: update next in fold order, which frees its memory as soon as it is complete; the others
-#: share the rest (:meth:`Aggregator._memory_share`).
+#: share the rest (:meth:`Aggregator._memory_share`, :meth:`Aggregator._room_for`).
 UPLOAD_MEMORY_MODELS = 1.5
 #: An upload among the next this many in fold order after the one next to fold, whose chunk
 #: finds its share of memory taken, waits for the uploads ahead of it to be folded instead of
@@ -364,12 +364,11 @@ class Aggregator:
         queued = False
         try:
             while (chunk := await self._next_chunk(state, chunks, idle)) is not None:
-                await self._wait_for_memory(state, client_id, len(chunk))
+                in_memory = await self._room_for(state, client_id, len(chunk))
                 held = reader.held
-                over = self._held_bytes + len(chunk) > self._memory_share(state, client_id)
-                reader.feed(chunk, self._spill if over else None)
+                reader.feed(chunk, None if in_memory else self._spill)
                 self._held_bytes += reader.held - held
-                if over:
+                if not in_memory:
                     self.metrics.spilled_bytes.inc(len(chunk))
             update = reader.finish()
             self.metrics.update_bytes.inc(reader.received)
@@ -402,14 +401,14 @@ class Aggregator:
                     return
                 state.folded += 1
                 pending = state.pending.pop(client_id, None)
-                if pending is None:
-                    self._notify()  # another upload is next to fold (_memory_share)
-                    continue
-                with pending.update, self.metrics.aggregation_duration.time():
-                    await asyncio.to_thread(state.aggregation.accept, pending.update,
-                                            pending.num_examples)
-                self._held_bytes -= pending.held_bytes
-                self._notify()  # uploads waiting for memory (_wait_for_memory)
+                if pending is not None:
+                    with pending.update, self.metrics.aggregation_duration.time():
+                        await asyncio.to_thread(state.aggregation.accept, pending.update,
+                                                pending.num_examples)
+                    self._held_bytes -= pending.held_bytes
+                # Another upload is next to fold, and memory may be free: uploads waiting for
+                # room look again (_room_for).
+                self._notify()
 
     def _memory_share(self, state: TrainingRound, client_id: str) -> float:
         """The most received bytes memory may hold with a chunk of ``client_id``'s upload
@@ -421,33 +420,34 @@ class Aggregator:
                         and state.fold_order[state.folded] == client_id)
         return budget if next_to_fold else budget - self.model_bytes
 
-    async def _wait_for_memory(self, state: TrainingRound, client_id: str, size: int) -> None:
-        """Wait until a chunk of ``size`` bytes fits ``client_id``'s share of memory
-        (:meth:`_memory_share`), if its upload is among the :data:`MEMORY_WAITERS` after the
-        one next to fold, for as long as folds keep coming; otherwise the chunk is spilled.
-        An upload that waits :data:`MEMORY_WAIT_SECONDS` for a fold stops every upload of the
-        round from waiting until the next fold (:attr:`TrainingRound.spill_until_fold`): the
-        one next to fold stalled or has not started, and a wait for it only delays the
-        others. :class:`_RoundClosed` if the round ends meanwhile."""
+    async def _room_for(self, state: TrainingRound, client_id: str, size: int) -> bool:
+        """Whether a chunk of ``size`` bytes of ``client_id``'s upload is held in memory
+        (within its share, :meth:`_memory_share`) rather than spilled. An upload among the
+        :data:`MEMORY_WAITERS` after the one next to fold waits for room for as long as folds
+        keep coming; one that waits :data:`MEMORY_WAIT_SECONDS` for a fold stops every upload
+        of the round from waiting until the next fold (:attr:`TrainingRound.spill_until_fold`):
+        the one next to fold stalled or has not started, and a wait for it only delays the
+        others. :class:`_RoundClosed` if the round ends while it waits."""
         def fits() -> bool:
-            return (state.closed
-                    or self._held_bytes + size <= self._memory_share(state, client_id))
+            return self._held_bytes + size <= self._memory_share(state, client_id)
 
         while not fits():
             # Not the one next to fold: only its own fold could make room for it.
             behind = state.fold_order[state.folded + 1:state.folded + MEMORY_WAITERS + 1]
             if client_id not in behind or state.spill_until_fold == state.folded:
-                return
+                return False
 
-            def fits_or_folded(folded: int = state.folded) -> bool:
-                return fits() or state.folded != folded or state.spill_until_fold == folded
+            def changed(folded: int = state.folded) -> bool:
+                return (state.closed or fits() or state.folded != folded
+                        or state.spill_until_fold == folded)
 
-            if not await self._wait_until(fits_or_folded, time.monotonic() + MEMORY_WAIT_SECONDS):
+            if not await self._wait_until(changed, time.monotonic() + MEMORY_WAIT_SECONDS):
                 state.spill_until_fold = state.folded
                 self._notify()  # the other waiting uploads stop waiting too
-                return
-        if state.closed:
-            raise _RoundClosed
+                return False
+            if state.closed:
+                raise _RoundClosed
+        return True
 
     @staticmethod
     async def _next_chunk(state: TrainingRound, chunks: AsyncIterator[bytes | memoryview],
