@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,13 +183,8 @@ class Client:
     def _receive_model(self, header: pb.TaskHeader, chunks: Iterator[_TaskItem]) -> None:
         """Load the streamed global model into the local one."""
         assert self._model is not None
-        metas = protocol.from_specs(header.tensors)
-        if self._buffer is None or transport.manifest(self._buffer) != metas:
-            self._buffer = transport.allocate(metas)
-        received = transport.assemble(metas, map(protocol.expect_data, chunks),
-                                      out=self._buffer)
-        state = self._model.state_dict()
-        self._model.load_state_dict({k: v.to(state[k].dtype) for k, v in received.items()})
+        self._buffer = load_stream(self._model, protocol.from_specs(header.tensors),
+                                   map(protocol.expect_data, chunks), self._buffer)
 
     def _evaluate(self, header: pb.TaskHeader, chunks: Iterator[_TaskItem]) -> None:
         """Federated evaluation: the global model on this client's own validation data."""
@@ -279,6 +274,31 @@ class Client:
 
 
 _TaskItem = pb.TaskHeader | memoryview
+
+
+def load_stream(model: torch.nn.Module, metas: list[transport.TensorMeta],
+                chunks: Iterable[bytes | memoryview],
+                buffer: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Load a streamed state dict into ``model``; the buffer to keep for the next one.
+
+    Where the stream matches the model's own tensors (:func:`transport.fits`: the same names,
+    dtypes and shapes, on the CPU), it is written straight into them, so a round costs one
+    copy of the model, not two, and the client holds no second model. Otherwise (a 16-bit
+    wire dtype, a model on a GPU) it goes through ``buffer``, reused while it fits, and
+    ``load_state_dict`` converts and moves it. A stream that breaks off leaves the model
+    partly written; the client trains or evaluates only on a model received whole.
+    """
+    state = model.state_dict()
+    if transport.fits(metas, state):
+        transport.assemble(metas, chunks, out=state)
+        return buffer
+    if buffer is None or not transport.fits(metas, buffer):
+        buffer = transport.allocate(metas)
+    transport.assemble(metas, chunks, out=buffer)
+    # Tensors the model lacks go as they are: load_state_dict names them, and the missing.
+    model.load_state_dict({k: v.to(state[k].dtype) if k in state else v
+                           for k, v in buffer.items()})
+    return buffer
 
 
 def _decode_task_chunk(raw: bytes) -> _TaskItem:

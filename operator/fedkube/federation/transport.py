@@ -253,19 +253,26 @@ class StreamReader:
                                  "bytes")
 
 
+def fits(metas: list[TensorMeta], state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether :func:`assemble` can fill ``state`` with a stream of ``metas`` in place: the
+    same tensors (names, dtypes, shapes) in the same order, contiguous, on the CPU."""
+    return [(m.name, m.torch_dtype, m.shape) for m in metas] == [
+        (name, t.dtype, tuple(t.shape)) for name, t in state.items()
+    ] and all(t.device.type == "cpu" and t.is_contiguous() for t in state.values())
+
+
 def assemble(metas: list[TensorMeta], chunks: Iterable[bytes | memoryview],
              out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Fill the tensors of a manifest from its byte chunks, whatever their boundaries.
 
-    ``out`` (from :func:`allocate` of the same manifest) is filled in place when given, so a
-    receiver can keep one buffer instead of allocating a model per message. Raises
+    ``out`` (from :func:`allocate` of the same manifest, or any state dict that :func:`fits`
+    it) is filled in place when given, so a receiver can keep one buffer instead of
+    allocating a model per message, or fill its model's own tensors. Raises
     :class:`TransportError` when the stream is shorter or longer than the manifest says.
     """
     if out is None:
         out = allocate(metas)
-    elif [(m.name, m.torch_dtype, m.shape) for m in metas] != [
-        (name, t.dtype, tuple(t.shape)) for name, t in out.items()
-    ]:
+    elif not fits(metas, out):
         raise TransportError("the preallocated buffer does not match the manifest")
     targets = [t.view(-1) for t in out.values()]
     reader = StreamReader(metas)
