@@ -295,7 +295,8 @@ def load_stream(model: torch.nn.Module, metas: list[transport.TensorMeta],
     if buffer is None or not transport.fits(metas, buffer):
         buffer = transport.allocate(metas)
     transport.assemble(metas, chunks, out=buffer)
-    # Tensors the model lacks go as they are: load_state_dict names them, and the missing.
+    # A tensor the model lacks goes as it is, so that load_state_dict names it (and any
+    # tensor of the model the stream lacks).
     model.load_state_dict({k: v.to(state[k].dtype) if k in state else v
                            for k, v in buffer.items()})
     return buffer
