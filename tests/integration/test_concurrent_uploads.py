@@ -175,6 +175,40 @@ def test_uploads_past_the_memory_budget_wait_for_folds_rather_than_spill(
     _assert_the_mean_of(tmp_path, updates)
 
 
+def _waiting(config: Path) -> float:
+    return metric_value(http_get(config, "/metrics"), "fedkube_uploads_waiting_for_memory",
+                        job="test")
+
+
+def test_the_upload_behind_one_being_folded_waits_for_its_memory(tmp_path: Path) -> None:
+    """Client 1 uploads first and fills the half model of memory that uploads behind the next
+    to fold may hold, then waits. Client 0, next to fold, uploads a whole model. While client
+    0 is being folded its bytes are still held: client 1, next to fold from then on, must wait
+    for that memory rather than spill the chunk that does not fit beside it."""
+    config = make_config(tmp_path, rounds=1, clients=2, min_clients=2, timeout=120,
+                         task_config={"hidden": 4096, "lr": 0.1})
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(2)]
+        (round_, model), _ = [client.pull() for client in clients]
+        updates = [{k: v + 0.5 * (i + 1) for k, v in model.items()} for i in range(2)]
+        replies: list[pb.PushUpdateReply | None] = [None]
+
+        def push_behind() -> None:
+            replies[0] = clients[1].push(round_, updates[1])
+
+        behind = threading.Thread(target=push_behind, daemon=True)
+        behind.start()
+        wait_for(lambda: _waiting(config) == 1, 30, "client 1 to wait for memory")
+        assert clients[0].push(round_, updates[0]).status == pb.PushUpdateReply.ACCEPTED
+        behind.join(60)
+        assert replies[0] is not None and replies[0].status == pb.PushUpdateReply.ACCEPTED
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
+        assert _spilled(config) == 0
+        assert _waiting(config) == 0
+    _assert_the_mean_of(tmp_path, updates)
+
+
 def test_uploads_behind_a_stalled_one_spill_and_a_rejected_one_leaves_no_trace(
         tmp_path: Path) -> None:
     config = make_config(tmp_path, rounds=1, clients=4, min_clients=3, timeout=120)

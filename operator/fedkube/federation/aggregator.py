@@ -399,15 +399,18 @@ class Aggregator:
                 client_id = state.fold_order[state.folded]
                 if client_id not in state.answered and not closing:
                     return
-                state.folded += 1
                 pending = state.pending.pop(client_id, None)
                 if pending is not None:
                     with pending.update, self.metrics.aggregation_duration.time():
                         await asyncio.to_thread(state.aggregation.accept, pending.update,
                                                 pending.num_examples)
                     self._held_bytes -= pending.held_bytes
+                # Done with it only once its memory is free: while it folds, the upload behind
+                # it still waits for it (_room_for) rather than take the whole budget as next
+                # to fold and spill what the folding update still holds.
+                state.folded += 1
                 # Another upload is next to fold, and memory may be free: uploads waiting for
-                # room look again (_room_for).
+                # room look again.
                 self._notify()
 
     def _memory_share(self, state: TrainingRound, client_id: str) -> float:
@@ -441,7 +444,13 @@ class Aggregator:
                 return (state.closed or fits() or state.folded != folded
                         or state.spill_until_fold == folded)
 
-            if not await self._wait_until(changed, time.monotonic() + MEMORY_WAIT_SECONDS):
+            self.metrics.uploads_waiting.inc()
+            try:
+                changed_in_time = await self._wait_until(
+                    changed, time.monotonic() + MEMORY_WAIT_SECONDS)
+            finally:
+                self.metrics.uploads_waiting.dec()
+            if not changed_in_time:
                 state.spill_until_fold = state.folded
                 self._notify()  # the other waiting uploads stop waiting too
                 return False

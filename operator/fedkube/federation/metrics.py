@@ -58,6 +58,10 @@ class AggregatorMetrics:
             "fedkube_update_bytes_spilled_total",
             "Bytes of client updates written to the aggregator's spill file because more "
             "uploads were in flight than its memory budget holds (read back when folded).")
+        self.uploads_waiting = gauge(
+            "fedkube_uploads_waiting_for_memory",
+            "Uploads paused until a fold frees memory for their next chunk (gRPC flow control "
+            "holds their clients meanwhile); an upload that waits too long spills instead.")
         self.model_bytes = counter(
             "fedkube_model_bytes_sent_total", "Bytes of global models streamed to clients.")
         self.aggregation_duration = histogram(
