@@ -144,9 +144,12 @@ def test_a_client_restarted_after_the_model_went_out_is_sent_it_again(tmp_path: 
     _assert_the_mean_of(tmp_path, updates)
 
 
-def _spilled(config: Path) -> float:
-    return metric_value(http_get(config, "/metrics"), "fedkube_update_bytes_spilled_total",
-                        job="test")
+SPILLED = "fedkube_update_bytes_spilled_total"
+WAITING = "fedkube_uploads_waiting_for_memory"
+
+
+def _metric(config: Path, name: str) -> float:
+    return metric_value(http_get(config, "/metrics"), name, job="test")
 
 
 def test_uploads_past_the_memory_budget_wait_for_folds_rather_than_spill(
@@ -171,13 +174,8 @@ def test_uploads_past_the_memory_budget_wait_for_folds_rather_than_spill(
         assert [reply.status if reply else None for reply in replies] == [
             pb.PushUpdateReply.ACCEPTED] * 4
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
-        assert _spilled(config) == 0
+        assert _metric(config, SPILLED) == 0
     _assert_the_mean_of(tmp_path, updates)
-
-
-def _waiting(config: Path) -> float:
-    return metric_value(http_get(config, "/metrics"), "fedkube_uploads_waiting_for_memory",
-                        job="test")
 
 
 def test_the_upload_behind_one_being_folded_waits_for_its_memory(tmp_path: Path) -> None:
@@ -199,13 +197,13 @@ def test_the_upload_behind_one_being_folded_waits_for_its_memory(tmp_path: Path)
 
         behind = threading.Thread(target=push_behind, daemon=True)
         behind.start()
-        wait_for(lambda: _waiting(config) == 1, 30, "client 1 to wait for memory")
+        wait_for(lambda: _metric(config, WAITING) == 1, 30, "client 1 to wait for memory")
         assert clients[0].push(round_, updates[0]).status == pb.PushUpdateReply.ACCEPTED
         behind.join(60)
         assert replies[0] is not None and replies[0].status == pb.PushUpdateReply.ACCEPTED
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
-        assert _spilled(config) == 0
-        assert _waiting(config) == 0
+        assert _metric(config, SPILLED) == 0
+        assert _metric(config, WAITING) == 0
     _assert_the_mean_of(tmp_path, updates)
 
 
@@ -229,7 +227,8 @@ def test_uploads_behind_a_stalled_one_spill_and_a_rejected_one_leaves_no_trace(
             upload.start()
             assert upload.started_sending.wait(30)
 
-        wait_for(lambda: _spilled(config), 30, "chunks past the memory budget to be spilled")
+        wait_for(lambda: _metric(config, SPILLED), 30,
+                 "chunks past the memory budget to be spilled")
         for upload in uploads:
             upload.resume.set()
             upload.join(60)
@@ -239,7 +238,7 @@ def test_uploads_behind_a_stalled_one_spill_and_a_rejected_one_leaves_no_trace(
             pb.PushUpdateReply.ACCEPTED, pb.PushUpdateReply.ACCEPTED,
             pb.PushUpdateReply.REJECTED, pb.PushUpdateReply.ACCEPTED]
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round")
-        assert 0 < _spilled(config) < 4 * chunks * CHUNK
+        assert 0 < _metric(config, SPILLED) < 4 * chunks * CHUNK
     _assert_the_mean_of(tmp_path, [updates[i] for i in (0, 1, 3)])
 
 
