@@ -154,6 +154,8 @@ class Aggregator:
         """Long-polling clients, each woken when something is due for it: waking every poll
         at every change would cost a round with N clients N² wake-ups."""
         self._fold_lock = asyncio.Lock()
+        self._folding: set[asyncio.Task[None]] = set()
+        """Folds under way: the event loop keeps only weak references to tasks."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics.rounds_total.set(self.spec.rounds)
         federated = self.spec.evaluation.mode in ("federated", "both")
@@ -330,13 +332,16 @@ class Aggregator:
             state.rejected += 1
             state.failed.add(client_id)
         self._notify()
-        await self._fold_in_order(state)
+        # Counted before the fold: a client that hangs up now still has its update folded.
         if reason is not None:
             self.metrics.updates["rejected"].inc()
             log.warning("rejected update from %s in round %d: %s",
                         client_id, state.number, reason)
+        else:
+            self.metrics.updates["accepted"].inc()
+        await self._fold_in_order(state)
+        if reason is not None:
             return pb.PushUpdateReply.REJECTED, reason
-        self.metrics.updates["accepted"].inc()
         return pb.PushUpdateReply.ACCEPTED, ""
 
     async def _receive(self, state: TrainingRound, client_id: str, header: pb.UpdateHeader,
@@ -367,7 +372,7 @@ class Aggregator:
                 in_memory = await self._room_for(state, client_id, len(chunk))
                 held = reader.held
                 reader.feed(chunk, None if in_memory else self._spill)
-                self._held_bytes += reader.held - held
+                self._hold(reader.held - held)
                 if not in_memory:
                     self.metrics.spilled_bytes.inc(len(chunk))
             update = reader.finish()
@@ -386,13 +391,31 @@ class Aggregator:
             return f"the upload sent nothing for {idle:.0f} s"
         finally:
             if not queued:
-                self._held_bytes -= reader.held
+                self._hold(-reader.held)
                 reader.close()
         return None
 
+    def _hold(self, size: int) -> None:
+        """Count ``size`` more received bytes held in memory (fewer when negative)."""
+        self._held_bytes += size
+        self.metrics.update_bytes_in_memory.set(self._held_bytes)
+
     async def _fold_in_order(self, state: TrainingRound, *, closing: bool = False) -> None:
         """Fold the pending updates whose predecessors in :attr:`TrainingRound.fold_order`
-        have all answered (all of them when ``closing``: no more answers come)."""
+        have all answered (all of them when ``closing``: no more answers come).
+
+        The folding belongs to the round, not to the caller: a handler cancelled while it
+        waits (its client hung up after the last chunk) leaves it to finish. Cancelled with
+        it, a fold would go on in its worker thread while the lock let the next fold into the
+        same accumulator, the update's spill regions went back to the file under it, and its
+        bytes stayed counted as held for the rest of the job."""
+        folding = asyncio.create_task(self._fold_ready(state, closing))
+        self._folding.add(folding)
+        folding.add_done_callback(self._folding.discard)
+        await asyncio.shield(folding)
+
+    async def _fold_ready(self, state: TrainingRound, closing: bool) -> None:
+        """:meth:`_fold_in_order`'s work, in a task of its own."""
         assert state.aggregation is not None
         async with self._fold_lock:
             while state.folded < len(state.fold_order):
@@ -404,7 +427,7 @@ class Aggregator:
                     with pending.update, self.metrics.aggregation_duration.time():
                         await asyncio.to_thread(state.aggregation.accept, pending.update,
                                                 pending.num_examples)
-                    self._held_bytes -= pending.held_bytes
+                    self._hold(-pending.held_bytes)
                 # Done with it only once its memory is free: while it folds, the upload behind
                 # it still waits for it (_room_for) rather than take the whole budget as next
                 # to fold and spill what the folding update still holds.

@@ -58,6 +58,10 @@ class AggregatorMetrics:
             "fedkube_update_bytes_spilled_total",
             "Bytes of client updates written to the aggregator's spill file because more "
             "uploads were in flight than its memory budget holds (read back when folded).")
+        self.update_bytes_in_memory = gauge(
+            "fedkube_update_bytes_in_memory",
+            "Bytes of client updates received and held in memory until folded (at most 1.5 "
+            "models; past that, uploads wait for a fold or spill).")
         self.uploads_waiting = gauge(
             "fedkube_uploads_waiting_for_memory",
             "Uploads paused until a fold frees memory for their next chunk (gRPC flow control "
