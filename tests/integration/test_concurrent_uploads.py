@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -141,6 +142,40 @@ def test_a_client_restarted_after_the_model_went_out_is_sent_it_again(tmp_path: 
         for client, update in zip((restarted, clients[1]), updates, strict=True):
             assert client.push(round_, update).status == pb.PushUpdateReply.ACCEPTED
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round to complete")
+    _assert_the_mean_of(tmp_path, updates)
+
+
+def _ask_for_a_task(client: HandmadeClient, wait_seconds: float) -> tuple[pb.TaskHeader, Any]:
+    """One PullTask: its header, and the stream of the model that follows it."""
+    stream = client.stub.PullTask(pb.PullTaskRequest(wait_seconds=wait_seconds),
+                                  metadata=client.metadata, timeout=60)
+    return next(stream).header, stream
+
+
+def test_a_client_whose_download_broke_off_is_sent_the_round_again(tmp_path: Path) -> None:
+    """The same session, no restart: its download of the round's model breaks off after the
+    header. Asking again, it is sent the model again, rather than told to wait while the
+    round waits for its answer until roundTimeoutSeconds."""
+    config = make_config(tmp_path, rounds=1, clients=2, min_clients=2, timeout=120)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i) for i in range(2)]
+        header, broken = _ask_for_a_task(clients[0], 5)
+        assert header.action == pb.TaskHeader.TRAIN
+        broken.cancel()
+        round_, model = clients[1].pull()
+        header, stream = _ask_for_a_task(clients[0], 0)
+        assert (header.action, header.round) == (pb.TaskHeader.TRAIN, round_)
+        resent = transport.assemble(protocol.from_specs(header.tensors),
+                                    protocol.data_chunks(stream))
+        for name, tensor in model.items():
+            assert torch.equal(resent[name], tensor), name
+        updates = [{k: v + 1.0 for k, v in model.items()}, {k: v + 3.0 for k, v in model.items()}]
+        for client, update in zip(clients, updates, strict=True):
+            assert client.push(round_, update).status == pb.PushUpdateReply.ACCEPTED
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round to complete")
+    record = json.loads((tmp_path / "output" / "history.json").read_text())[0]
+    assert (record["clients"], record["rejected"]) == (2, 0)
     _assert_the_mean_of(tmp_path, updates)
 
 

@@ -262,8 +262,11 @@ class Aggregator:
         deadline = time.monotonic() + min(max(wait_seconds, 0.0), MAX_POLL_SECONDS)
         while not self.finished:
             for state in (self.current, self.evaluating):
-                if (state is not None and not state.closed and client_id in state.sampled
-                        and client_id not in state.dispatched):
+                if state is not None and state.due(client_id):
+                    if client_id in state.dispatched:
+                        log.info("client %s asks again for round %d without having answered "
+                                 "(its download broke off): sending the model again",
+                                 client_id, state.number)
                     state.dispatched.add(client_id)
                     return state
             remaining = deadline - time.monotonic()

@@ -60,6 +60,14 @@ class Dispatch:
         self.closed = True
         self.wire = None
 
+    def due(self, client_id: str) -> bool:
+        """Whether ``client_id`` is to be sent this model when it asks for a task: sampled,
+        and neither answered nor answering. Also when it was sent the model before: a client
+        asks only when it is idle, so one that asks again lost its copy (its download broke
+        off) and would otherwise sit out the round while the round waits for its answer."""
+        return (not self.closed and client_id in self.sampled
+                and client_id not in self.answered and client_id not in self.receiving)
+
     def may_hand_over(self, old: str) -> bool:
         """Whether ``old``'s place may go to a new session of its client: not once it
         answered, nor while its answer is arriving."""
