@@ -88,6 +88,14 @@ class Network:
         """The argv prefix that runs a command on ``host``."""
         return ["ip", "netns", "exec", self.namespace(host)]
 
+    def limit_rate(self, host: str, rate: str) -> None:
+        """Shape what ``host`` sends to ``rate`` (tc's units: ``2mbit``), as a slow uplink."""
+        done = subprocess.run(["tc", "-n", self.namespace(host), "qdisc", "add", "dev", "eth0",
+                               "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "2s"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise NamespacesUnavailable(f"tc: {done.stderr.strip()}")
+
     def received_bytes(self, host: str) -> int:
         """Bytes ``host`` received on its link: proof that traffic crossed the veth."""
         done = subprocess.run([*self.run_in(host), "cat", "/sys/class/net/eth0/statistics/"

@@ -231,8 +231,13 @@ class Client:
 
     def _step(self) -> bool:
         """One poll (and maybe one round of training); False once the job is finished."""
-        stream = self._pull_task(pb.PullTaskRequest(wait_seconds=POLL_SECONDS),
-                                 metadata=self._metadata(), timeout=POLL_SECONDS + 30)
+        # The deadline covers the model's download too, which on a slow link, or queued
+        # behind other clients' (the aggregator streams a few models at once), may take most
+        # of a round: a fixed margin failed every download longer than it, and the retry
+        # found the round's model no nearer.
+        stream = self._pull_task(
+            pb.PullTaskRequest(wait_seconds=POLL_SECONDS), metadata=self._metadata(),
+            timeout=POLL_SECONDS + self._spec.strategy.round_timeout_seconds)
         header = next(stream)
         if not isinstance(header, pb.TaskHeader):
             raise transport.TransportError("the aggregator's answer did not start with a header")
