@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -151,24 +151,28 @@ class HandmadeClient:
     """A client speaking the protocol by hand over one channel, so that it can send anything
     (``credentials`` None: plaintext)."""
 
-    def __init__(self, config: Path, credentials: grpc.ChannelCredentials | None) -> None:
+    def __init__(self, config: Path, credentials: grpc.ChannelCredentials | None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
         address = RuntimeConfig.from_file(config).aggregator_address
-        self.channel = grpc.secure_channel(address, credentials) \
-            if credentials is not None else grpc.insecure_channel(address)
+        self.channel = grpc.secure_channel(address, credentials, options) \
+            if credentials is not None else grpc.insecure_channel(address, options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.client_id = ""
 
     @classmethod
-    def of_site(cls, config: Path, site: str | None) -> HandmadeClient:
+    def of_site(cls, config: Path, site: str | None,
+                options: Sequence[tuple[str, Any]] = ()) -> HandmadeClient:
         """With the certificate of ``site`` (None: of the clients of a job without sites)."""
         files = TlsFiles.read(client_tls_dir(config.parent / "tls", site))
-        return cls(config, channel_credentials(files))
+        return cls(config, channel_credentials(files), options)
 
     @classmethod
-    def joined(cls, config: Path, index: int) -> HandmadeClient:
-        """Client ``index``, with its own site's certificate, joined once the aggregator is up."""
+    def joined(cls, config: Path, index: int,
+               options: Sequence[tuple[str, Any]] = ()) -> HandmadeClient:
+        """Client ``index``, with its own site's certificate, joined once the aggregator is up
+        (over a channel with gRPC's defaults unless ``options``)."""
         slot = RuntimeConfig.from_file(config).spec.client_slots()[index]
-        client = cls.of_site(config, slot.site.name if slot.site else None)
+        client = cls.of_site(config, slot.site.name if slot.site else None, options)
         client.join(index, wait=True)
         return client
 

@@ -29,10 +29,11 @@ from runtime_support import (
 
 from fedkube.api.runtime import RuntimeConfig
 from fedkube.federation import protocol, transport
-from fedkube.federation.aggregator import UPLOAD_IDLE_SECONDS
+from fedkube.federation.aggregator import TRANSFER_IDLE_SECONDS
 from fedkube.federation.proto import fedkube_pb2 as pb
 from fedkube.federation.proto import fedkube_pb2_grpc as pb_grpc
 from fedkube.federation.security import TlsFiles, channel_credentials
+from fedkube.federation.servicer import MAX_CONCURRENT_SENDS
 from fedkube.local import client_tls_dir
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,9 +111,9 @@ def test_a_stalled_upload_blocks_neither_other_uploads_nor_the_round(tmp_path: P
         paused.join(60)
         assert paused.reply is not None
         assert paused.reply.status == pb.PushUpdateReply.ACCEPTED
-        # The stalled upload is dropped after UPLOAD_IDLE_SECONDS, long before the round's
+        # The stalled upload is dropped after TRANSFER_IDLE_SECONDS, long before the round's
         # 120 s timeout: the round completes with the three others.
-        wait_for(lambda: status(config)["phase"] == "Succeeded", 3 * UPLOAD_IDLE_SECONDS + 30,
+        wait_for(lambda: status(config)["phase"] == "Succeeded", 3 * TRANSFER_IDLE_SECONDS + 30,
                  "the round to complete without the stalled upload")
         stalled.join(60)
         assert stalled.reply is not None
@@ -177,6 +178,36 @@ def test_a_client_whose_download_broke_off_is_sent_the_round_again(tmp_path: Pat
     record = json.loads((tmp_path / "output" / "history.json").read_text())[0]
     assert (record["clients"], record["rejected"]) == (2, 0)
     _assert_the_mean_of(tmp_path, updates)
+
+
+def test_clients_that_stop_reading_their_download_hold_up_no_other(tmp_path: Path) -> None:
+    """As many clients as the aggregator streams models to at once take the header and read
+    nothing more, with an 18 MB model that their connections cannot buffer (they use the
+    shipped client's fixed flow-control windows): one more client is still sent the model,
+    once the stalled downloads are dropped."""
+    config = make_config(tmp_path, rounds=1, clients=MAX_CONCURRENT_SENDS + 1,
+                         min_clients=MAX_CONCURRENT_SENDS + 1, timeout=120,
+                         task_config={"hidden": 60_000})
+    options = protocol.channel_options(
+        RuntimeConfig.from_file(config).spec.transport.largest_chunk)
+    with processes(tmp_path) as group:
+        group.aggregator(config)
+        clients = [HandmadeClient.joined(config, i, options)
+                   for i in range(MAX_CONCURRENT_SENDS + 1)]
+        stalled = []
+        for client in clients[:-1]:
+            header, stream = _ask_for_a_task(client, 5)
+            assert header.action == pb.TaskHeader.TRAIN
+            stalled.append(stream)
+        round_, model = clients[-1].pull()
+        assert round_ == header.round and transport.encoded_nbytes(model) > 18_000_000
+        for stream in stalled:
+            with pytest.raises(grpc.RpcError) as dropped:
+                for _ in stream:
+                    pass
+            assert dropped.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "the download took nothing for 10 s" in str(dropped.value.details())
+        assert group.log("aggregator").count("dropped the download") == MAX_CONCURRENT_SENDS
 
 
 SPILLED = "fedkube_update_bytes_spilled_total"

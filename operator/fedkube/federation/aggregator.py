@@ -97,10 +97,11 @@ UPLOAD_MEMORY_MODELS = 1.5
 #: for longer than that.
 MEMORY_WAITERS = 8
 MEMORY_WAIT_SECONDS = 2.0
-#: An upload that sends no chunk for this long (longer for chunks that take longer at
-#: :data:`SLOWEST_UPLOAD_BYTES_PER_SECOND`) is rejected.
-UPLOAD_IDLE_SECONDS = 10.0
-SLOWEST_UPLOAD_BYTES_PER_SECOND = 1 << 20
+#: A transfer that moves no chunk for this long (longer for chunks that take longer at
+#: :data:`SLOWEST_TRANSFER_BYTES_PER_SECOND`) is dropped: an upload is rejected, a model's
+#: download ended (its client asks again), so that a client that stalls holds up no other.
+TRANSFER_IDLE_SECONDS = 10.0
+SLOWEST_TRANSFER_BYTES_PER_SECOND = 1 << 20
 
 T = TypeVar("T")
 
@@ -136,6 +137,9 @@ class Aggregator:
         """The model's bytes on the wire."""
         self.chunk_bytes = self.spec.transport.chunk_size(self.model_bytes)
         """The chunk size of the model's streams and the clients' updates."""
+        self.transfer_idle_seconds = max(
+            TRANSFER_IDLE_SECONDS, self.chunk_bytes / SLOWEST_TRANSFER_BYTES_PER_SECOND)
+        """How long an upload or a download may move no chunk before it is dropped."""
         self.history: list[RoundRecord] = []
         self.completed = 0
         self.phase: AggregatorPhase = "Waiting"
@@ -363,7 +367,7 @@ class Aggregator:
             return ("tensors do not match the global model (expected the manifest it was sent): "
                     + ", ".join(wrong[:5]))
         assert state.aggregation is not None
-        idle = max(UPLOAD_IDLE_SECONDS, self.chunk_bytes / SLOWEST_UPLOAD_BYTES_PER_SECOND)
+        idle = self.transfer_idle_seconds
         try:
             check_num_examples(int(header.num_examples))
             reader = state.aggregation.reader(metas)

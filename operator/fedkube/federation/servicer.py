@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import grpc
@@ -24,6 +24,8 @@ from fedkube.federation.registry import Session
 from fedkube.federation.rounds import EvaluationRound
 
 if TYPE_CHECKING:
+    import torch
+
     from fedkube.federation.aggregator import Aggregator
 
 log = logging.getLogger("fedkube.aggregator")
@@ -134,15 +136,15 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
                             spec_json=self.aggregator.spec.model_dump_json(by_alias=True))
 
     async def PullTask(self, request: pb.PullTaskRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TaskChunk | bytes]:
+                       context: grpc.aio.ServicerContext) -> None:
         session = await self._authenticate(context)
         aggregator = self.aggregator
         state = await aggregator.next_assignment(session.client_id, request.wait_seconds)
-        # Taken before the first yield: a dispatch lets go of its model once it closes.
+        # Taken before the first write: a dispatch lets go of its model once it closes.
         wire = state.wire if state is not None else None
         if state is None or wire is None:
             action = pb.TaskHeader.FINISHED if aggregator.finished else pb.TaskHeader.WAIT
-            yield pb.TaskChunk(header=pb.TaskHeader(action=action))
+            await context.write(pb.TaskChunk(header=pb.TaskHeader(action=action)))
             return
         if isinstance(state, EvaluationRound):
             header = pb.TaskHeader(action=pb.TaskHeader.EVALUATE, round=state.number,
@@ -151,11 +153,32 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]  # u
             header = pb.TaskHeader(action=pb.TaskHeader.TRAIN, round=state.number,
                                    proximal_mu=aggregator.strategy.proximal_mu,
                                    tensors=protocol.to_specs(state.metas))
-        yield pb.TaskChunk(header=header)
+        await context.write(pb.TaskChunk(header=header))
         async with self._send_slots:
-            for message in protocol.data_messages(wire, aggregator.chunk_bytes):
-                self.metrics.model_bytes.inc(len(message))
-                yield message
+            stalled = await self._send_model(context, wire)
+        if stalled:
+            # Ended once the slot is free: ending a call sends its status behind the data
+            # its client does not take.
+            log.warning("dropped the download of round %d to %s: it took nothing for %.0f s",
+                        state.number, session.client_id, aggregator.transfer_idle_seconds)
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"the download took nothing for "
+                         f"{aggregator.transfer_idle_seconds:.0f} s: ask again")
+
+    async def _send_model(self, context: grpc.aio.ServicerContext,
+                          wire: Mapping[str, torch.Tensor]) -> bool:
+        """Stream the model's chunks; True if the client stopped taking them. A client that
+        stops reading would otherwise hold its send slot, and with a few of them every other
+        download would wait, for as long as their connections live."""
+        aggregator = self.aggregator
+        for message in protocol.data_messages(wire, aggregator.chunk_bytes):
+            try:
+                async with asyncio.timeout(aggregator.transfer_idle_seconds):
+                    await context.write(message)
+            except TimeoutError:
+                return True
+            self.metrics.model_bytes.inc(len(message))
+        return False
 
     async def PushUpdate(self, request_iterator: AsyncIterator[_Chunk],
                          context: grpc.aio.ServicerContext) -> pb.PushUpdateReply:
