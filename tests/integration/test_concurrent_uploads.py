@@ -153,28 +153,53 @@ def _ask_for_a_task(client: HandmadeClient, wait_seconds: float) -> tuple[pb.Tas
     return next(stream).header, stream
 
 
-def test_a_client_whose_download_broke_off_is_sent_the_round_again(tmp_path: Path) -> None:
-    """The same session, no restart: its download of the round's model breaks off after the
-    header. Asking again, it is sent the model again, rather than told to wait while the
-    round waits for its answer until roundTimeoutSeconds."""
+def test_a_client_whose_download_or_upload_broke_off_is_sent_the_round_again(
+        tmp_path: Path) -> None:
+    """The same sessions, no restart: one client's download breaks off after the header, the
+    other's upload after its first chunk. Each asks again and is sent the round's model,
+    rather than told to wait while the round waits for it until roundTimeoutSeconds (or, for
+    the upload, counted as answered with a rejected update: the round short of one)."""
     config = make_config(tmp_path, rounds=1, clients=2, min_clients=2, timeout=120)
     with processes(tmp_path) as group:
         group.aggregator(config)
-        clients = [HandmadeClient.joined(config, i) for i in range(2)]
-        header, broken = _ask_for_a_task(clients[0], 5)
+        downloading, uploading = (HandmadeClient.joined(config, i) for i in range(2))
+        header, broken = _ask_for_a_task(downloading, 5)
         assert header.action == pb.TaskHeader.TRAIN
         broken.cancel()
-        round_, model = clients[1].pull()
-        header, stream = _ask_for_a_task(clients[0], 0)
-        assert (header.action, header.round) == (pb.TaskHeader.TRAIN, round_)
-        resent = transport.assemble(protocol.from_specs(header.tensors),
-                                    protocol.data_chunks(stream))
-        for name, tensor in model.items():
-            assert torch.equal(resent[name], tensor), name
-        updates = [{k: v + 1.0 for k, v in model.items()}, {k: v + 3.0 for k, v in model.items()}]
-        for client, update in zip(clients, updates, strict=True):
-            assert client.push(round_, update).status == pb.PushUpdateReply.ACCEPTED
+        round_, model = uploading.pull()
+
+        update = {k: v + 3.0 for k, v in model.items()}
+        send_the_rest = threading.Event()
+
+        def first_chunk_only() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(header=pb.UpdateHeader(
+                round=round_, num_examples=10,
+                tensors=protocol.to_specs(transport.manifest(update))))
+            yield pb.UpdateChunk(data=next(transport.iter_chunks(update, CHUNK)))
+            send_the_rest.wait(60)
+
+        upload = uploading.stub.PushUpdate.future(first_chunk_only(),
+                                                  metadata=uploading.metadata, timeout=60)
+        try:
+            wait_for(lambda: _metric(config, "fedkube_update_bytes_in_memory") > 0, 30,
+                     "the first chunk to arrive")
+            upload.cancel()
+        finally:
+            send_the_rest.set()
+
+        for client in (downloading, uploading):
+            header, stream = _ask_for_a_task(client, 10)
+            assert (header.action, header.round) == (pb.TaskHeader.TRAIN, round_)
+            resent = transport.assemble(protocol.from_specs(header.tensors),
+                                        protocol.data_chunks(stream))
+            for name, tensor in model.items():
+                assert torch.equal(resent[name], tensor), name
+        updates = [{k: v + 1.0 for k, v in model.items()}, update]
+        for client, sent in zip((downloading, uploading), updates, strict=True):
+            assert client.push(round_, sent).status == pb.PushUpdateReply.ACCEPTED
         wait_for(lambda: status(config)["phase"] == "Succeeded", 60, "the round to complete")
+        assert _metric(config, "fedkube_update_bytes_in_memory") == 0
+    assert "broke off (stream ended after 1024 of" in group.log("aggregator")
     record = json.loads((tmp_path / "output" / "history.json").read_text())[0]
     assert (record["clients"], record["rejected"]) == (2, 0)
     _assert_the_mean_of(tmp_path, updates)

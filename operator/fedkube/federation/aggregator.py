@@ -59,7 +59,11 @@ from fedkube.federation.rounds import (
 )
 from fedkube.federation.servicer import FederationServicer, add_to_server
 from fedkube.federation.spill import SpillFile
-from fedkube.federation.strategies import UpdateRejected, build_strategy_from_spec
+from fedkube.federation.strategies import (
+    UpdateIncomplete,
+    UpdateRejected,
+    build_strategy_from_spec,
+)
 from fedkube.federation.strategies.base import check_num_examples
 from fedkube.tasks.base import Validator, load_task
 
@@ -269,7 +273,7 @@ class Aggregator:
                 if state is not None and state.due(client_id):
                     if client_id in state.dispatched:
                         log.info("client %s asks again for round %d without having answered "
-                                 "(its download broke off): sending the model again",
+                                 "(its download or upload broke off): sending the model again",
                                  client_id, state.number)
                     state.dispatched.add(client_id)
                     return state
@@ -330,6 +334,15 @@ class Aggregator:
         except _RoundClosed:
             self.metrics.updates["late"].inc()
             return pb.PushUpdateReply.LATE, "the round is over"
+        except UpdateIncomplete as broken:
+            # Not an answer: the client asks for the round again and sends the whole update
+            # (Dispatch.due), as after a download that broke off.
+            self.metrics.updates["rejected"].inc()
+            log.warning("the update from %s in round %d broke off (%s); it may come again",
+                        client_id, state.number, broken.reason)
+            self._wake([client_id])
+            return (pb.PushUpdateReply.REJECTED,
+                    f"{broken.reason}: ask for the round again and send the whole update")
         finally:
             state.receiving.discard(client_id)
         state.answered.add(client_id)
@@ -390,6 +403,8 @@ class Aggregator:
             state.pending[client_id] = PendingUpdate(update, int(header.num_examples),
                                                      reader.held)
             queued = True
+        except UpdateIncomplete:
+            raise
         except UpdateRejected as error:
             return error.reason
         except transport.TransportError as error:

@@ -63,8 +63,9 @@ class Dispatch:
     def due(self, client_id: str) -> bool:
         """Whether ``client_id`` is to be sent this model when it asks for a task: sampled,
         and neither answered nor answering. Also when it was sent the model before: a client
-        asks only when it is idle, so one that asks again lost its copy (its download broke
-        off) and would otherwise sit out the round while the round waits for its answer."""
+        asks only when it is idle, so one that asks again lost its copy or its answer (its
+        download broke off, or its upload did) and would otherwise sit out the round while
+        the round waits for its answer."""
         return (not self.closed and client_id in self.sampled
                 and client_id not in self.answered and client_id not in self.receiving)
 
@@ -117,9 +118,9 @@ class TrainingRound(Dispatch):
     uploads spill what does not fit rather than wait."""
 
     def may_hand_over(self, old: str) -> bool:
-        """Also after a rejected update: a client that crashed mid-upload and restarted
-        sends the whole update again (a truncated one was rejected, and only an accepted
-        update counts, so no client counts twice)."""
+        """Also after a rejected update: a client whose upload was dropped as stalled (its
+        host went away without closing the connection) and that restarted sends the whole
+        update again (only an accepted update counts, so no client counts twice)."""
         return old in self.sampled and old not in self.receiving and (
             old not in self.answered or old in self.failed)
 

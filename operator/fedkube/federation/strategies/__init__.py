@@ -17,7 +17,7 @@ from fedkube.api.types import parse_quantity
 from fedkube.federation.strategies.adaptive import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedkube.federation.strategies.base import Round, Strategy
 from fedkube.federation.strategies.fedavg import FedAvg, FedProx
-from fedkube.federation.strategies.layout import UpdateRejected
+from fedkube.federation.strategies.layout import UpdateIncomplete, UpdateRejected
 from fedkube.federation.strategies.robust import FedMedian, Krum, MultiKrum, TrimmedMean
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ __all__ = [
     "STRATEGIES",
     "Round",
     "Strategy",
+    "UpdateIncomplete",
     "UpdateRejected",
     "build_strategy",
     "build_strategy_from_spec",

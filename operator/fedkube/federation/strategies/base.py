@@ -27,7 +27,12 @@ from torch import Tensor
 from fedkube.api.runtime import ConfigurationError
 from fedkube.federation import transport
 from fedkube.federation.spill import SpillFile
-from fedkube.federation.strategies.layout import FlatLayout, Span, UpdateRejected
+from fedkube.federation.strategies.layout import (
+    FlatLayout,
+    Span,
+    UpdateIncomplete,
+    UpdateRejected,
+)
 from fedkube.federation.strategies.privacy import GaussianNoise
 
 #: Spilled pieces are read back this many bytes at a time when an update is folded.
@@ -211,7 +216,7 @@ class UpdateReader:
         try:
             self._stream.close()
         except transport.TransportError as error:
-            raise UpdateRejected(str(error)) from None
+            raise UpdateIncomplete(str(error)) from None
         others = {name: target for name, target in zip(self._names, self._targets, strict=True)
                   if isinstance(target, Tensor)}
         update = ReceivedUpdate(self._pieces, others, self._spill, self._regions)

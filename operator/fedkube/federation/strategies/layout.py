@@ -22,6 +22,11 @@ class UpdateRejected(Exception):
         self.reason = reason
 
 
+class UpdateIncomplete(UpdateRejected):
+    """An update stream that ended before the update did: its upload broke off (the client
+    hung up, or its connection did), so the update may come again."""
+
+
 @dataclass(frozen=True)
 class Span:
     """Where one floating-point tensor lives in the flat vector."""
