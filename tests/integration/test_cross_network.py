@@ -9,13 +9,18 @@ and its client index from the aggregator.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import yaml
 from runtime_support import ENV, WINE_TASK, write_wine_rows
 
@@ -58,6 +63,20 @@ def write_config(folder: Path, spec: FederatedJobSpec, tls_dir: Path) -> Path:
         checkpoint_dir=str(folder / "checkpoints"), output_dir=str(folder / "output"),
     ).to_yaml())
     return config
+
+
+def digits_job(folder: Path, **spec: Any) -> Path:
+    """The configuration of a digits job without sites (``spec`` on top of its defaults) whose
+    clients dial the hub by name, with the aggregator's TLS files in ``folder/aggregator`` and
+    the clients' in ``folder/client``."""
+    now, valid = datetime.now(UTC), timedelta(days=1)
+    ca = pki.issue_ca("fl", "wine", now, valid)
+    server = pki.issue_server(ca, "fl", "wine", [AGGREGATOR_NAME], now, valid)
+    client = pki.issue_client(ca, pki.Identity("fl", "wine"), now, valid)
+    TlsFiles(ca.cert, server.cert, server.key).write(folder / "aggregator")
+    TlsFiles(ca.cert, client.cert, client.key).write(folder / "client")
+    job = FederatedJobSpec.model_validate({"aggregator": {"port": PORT}, **spec})
+    return write_config(folder, job, folder / "aggregator")
 
 
 @pytest.fixture
@@ -129,16 +148,9 @@ def test_tls_is_verified_against_the_name_the_site_dials(
         network: Network, tmp_path: Path, started: list[subprocess.Popen[bytes]]) -> None:
     """The aggregator's certificate names aggregator.fedkube.test, not its IP address: a
     site that dials the address refuses the aggregator, as it would an impostor."""
-    now, valid = datetime.now(UTC), timedelta(days=1)
-    ca = pki.issue_ca("fl", "wine", now, valid)
-    server = pki.issue_server(ca, "fl", "wine", [AGGREGATOR_NAME], now, valid)
-    client = pki.issue_client(ca, pki.Identity("fl", "wine"), now, valid)
-    TlsFiles(ca.cert, server.cert, server.key).write(tmp_path / "aggregator")
-    spec = FederatedJobSpec.model_validate({"rounds": 1, "aggregator": {"port": PORT}})
-    config = write_config(tmp_path, spec, tmp_path / "aggregator")
+    config = digits_job(tmp_path, rounds=1)
     started.append(fedkube(network, "hub", tmp_path / "aggregator.log",
                            "aggregator", "--config", str(config)))
-    TlsFiles(ca.cert, client.cert, client.key).write(tmp_path / "client")
     probe = """
 import sys, grpc
 from fedkube.federation.proto import fedkube_pb2 as pb, fedkube_pb2_grpc as pb_grpc
@@ -170,18 +182,10 @@ def test_a_site_on_a_slow_link_takes_part_though_its_download_outlasts_a_poll(
     longer than the long poll plus the 30 s a client's PullTask once allowed in all, which
     failed such a download every time and the round with it."""
     network.limit_rate("hub", "2mbit")
-    now, valid = datetime.now(UTC), timedelta(days=1)
-    ca = pki.issue_ca("fl", "wine", now, valid)
-    server = pki.issue_server(ca, "fl", "wine", [AGGREGATOR_NAME], now, valid)
-    client = pki.issue_client(ca, pki.Identity("fl", "wine"), now, valid)
-    TlsFiles(ca.cert, server.cert, server.key).write(tmp_path / "aggregator")
-    TlsFiles(ca.cert, client.cert, client.key).write(tmp_path / "client")
-    spec = FederatedJobSpec.model_validate({
-        "task": {"entrypoint": "fedkube.tasks.digits:task", "config": {"hidden": 42_000}},
-        "rounds": 1, "clients": {"replicas": 1},
-        "strategy": {"minClients": 1, "roundTimeoutSeconds": 200},
-        "aggregator": {"port": PORT}})
-    config = write_config(tmp_path, spec, tmp_path / "aggregator")
+    config = digits_job(
+        tmp_path, task={"entrypoint": "fedkube.tasks.digits:task", "config": {"hidden": 42_000}},
+        rounds=1, clients={"replicas": 1},
+        strategy={"minClients": 1, "roundTimeoutSeconds": 200})
     logs = tmp_path / "logs"
     logs.mkdir()
     started.append(aggregator := fedkube(network, "hub", logs / "aggregator.log",
@@ -201,3 +205,75 @@ def test_a_site_on_a_slow_link_takes_part_though_its_download_outlasts_a_poll(
     # The premise: the link was that slow, the model crossed it once.
     assert history[0]["duration_seconds"] > 45, history
     assert 12_600_000 < network.received_bytes("north") < 2 * 12_600_000
+
+
+#: Links of the chaos below: slow enough that a round spends most of its time moving models,
+#: where the cuts mean the most.
+CHAOS_RATE = "8mbit"
+CHAOS_SITES = ("north", "south")
+
+
+def _job_with_cuts(network: Network, folder: Path, started: list[subprocess.Popen[bytes]],
+                   rounds: int, cuts: int, seed: int = 0,
+                   ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, str], int]:
+    """A job of one client on each of :data:`CHAOS_SITES` whose TCP connections to the hub are
+    cut (``ss -K``: both ends see the connection reset) ``cuts`` times, at random moments
+    0.3-1.5 s apart, then left alone; its model, history, logs and the cuts made (fewer when
+    the job ended first)."""
+    config = digits_job(
+        folder, task={"entrypoint": "fedkube.tasks.digits:task",
+                      "config": {"hidden": 2000, "lr": 0.1}},
+        rounds=rounds, clients={"replicas": len(CHAOS_SITES)},
+        # Every round needs both clients: an update lost to a cut must come again.
+        strategy={"minClients": len(CHAOS_SITES), "roundTimeoutSeconds": 60})
+    logs = folder / "logs"
+    logs.mkdir()
+    started.append(aggregator := fedkube(network, "hub", logs / "aggregator.log",
+                                         "aggregator", "--config", str(config)))
+    for index, site in enumerate(CHAOS_SITES):
+        started.append(fedkube(network, site, logs / f"{site}.log", "client", "--config",
+                               str(config), "--index", str(index),
+                               "--tls-dir", str(folder / "client")))
+    rng = random.Random(seed)
+    made = 0
+    while made < cuts and aggregator.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            aggregator.wait(rng.uniform(0.3, 1.5))
+        subprocess.run([*network.run_in(rng.choice(CHAOS_SITES)), "ss", "-K", "dst",
+                        network.address("hub")], capture_output=True, check=True)
+        made += 1
+    try:
+        code = aggregator.wait(300)
+    except subprocess.TimeoutExpired:
+        code = None
+    log = {name: (logs / f"{name}.log").read_text() for name in ("aggregator", *CHAOS_SITES)}
+    assert code == 0, log
+    model = torch.load(folder / "output" / "model.pt", weights_only=True)
+    history = json.loads((folder / "output" / "history.json").read_text())
+    return model, history, log, made
+
+
+@pytest.mark.parametrize(("rounds", "cuts"), [
+    (6, 20), pytest.param(16, 80, marks=[pytest.mark.slow, pytest.mark.timeout(900)])])
+def test_connections_cut_at_random_leave_the_model_of_an_uninterrupted_run(
+        network: Network, tmp_path: Path, started: list[subprocess.Popen[bytes]],
+        rounds: int, cuts: int) -> None:
+    """Cuts land in downloads, uploads and long polls: a client whose transfer broke off
+    asks again and is sent the round again, so every round still folds every client's
+    update, and the job ends bit for bit where a calm run ends."""
+    for host in ("hub", *CHAOS_SITES):
+        network.limit_rate(host, CHAOS_RATE)
+    expected, expected_history, _, _ = _job_with_cuts(network, tmp_path / "calm", started,
+                                                      rounds, cuts=0)
+    model, history, log, made = _job_with_cuts(network, tmp_path / "cut", started, rounds,
+                                               cuts, seed=rounds * 1009)
+    resent = log["aggregator"].count("sending the model again")
+    retries = sum(log[site].count("lost the aggregator") for site in CHAOS_SITES)
+    print(f"network chaos: {made} cuts, {retries} client retries, {resent} rounds sent again, "
+          f"{log['aggregator'].count('broke off')} uploads broke off")
+    assert [(entry["round"], entry["clients"]) for entry in history] == [
+        (number, len(CHAOS_SITES)) for number in range(1, rounds + 1)]
+    assert [entry["loss"] for entry in history] == [e["loss"] for e in expected_history]
+    for name, tensor in expected.items():
+        assert torch.equal(model[name], tensor), name
+    assert resent >= 1, "no cut broke off a transfer: the test proved nothing"
