@@ -1,6 +1,7 @@
-"""Uploads are concurrent, a stalled one blocks nobody, idle clients hold no threads, and a
-client that restarts is sent the round's model again: a real aggregator process over gRPC
-and mutual TLS, driven by hand-made clients."""
+"""Uploads are concurrent, a stalled one blocks nobody, idle clients hold no threads; a
+download its client stops reading blocks nobody either, and a client that restarts, or whose
+download or upload broke off, is sent the round's model again: a real aggregator process over
+gRPC and mutual TLS, driven by hand-made clients."""
 
 from __future__ import annotations
 
@@ -146,6 +147,10 @@ def test_a_client_restarted_after_the_model_went_out_is_sent_it_again(tmp_path: 
     _assert_the_mean_of(tmp_path, updates)
 
 
+def _metric(config: Path, name: str) -> float:
+    return metric_value(http_get(config, "/metrics"), name, job="test")
+
+
 def _ask_for_a_task(client: HandmadeClient, wait_seconds: float) -> tuple[pb.TaskHeader, Any]:
     """One PullTask: its header, and the stream of the model that follows it."""
     stream = client.stub.PullTask(pb.PullTaskRequest(wait_seconds=wait_seconds),
@@ -238,9 +243,6 @@ def test_clients_that_stop_reading_their_download_hold_up_no_other(tmp_path: Pat
 SPILLED = "fedkube_update_bytes_spilled_total"
 WAITING = "fedkube_uploads_waiting_for_memory"
 
-
-def _metric(config: Path, name: str) -> float:
-    return metric_value(http_get(config, "/metrics"), name, job="test")
 
 
 def test_uploads_past_the_memory_budget_wait_for_folds_rather_than_spill(
