@@ -79,6 +79,19 @@ def digits_job(folder: Path, **spec: Any) -> Path:
     return write_config(folder, job, folder / "aggregator")
 
 
+def job_logs(aggregator: subprocess.Popen[bytes], logs: Path, hosts: tuple[str, ...],
+             seconds: float) -> dict[str, str]:
+    """The logs of ``hosts`` (``logs/HOST.log``) once the aggregator exited 0 within
+    ``seconds``; they are the assertion's message when it did not."""
+    try:
+        code = aggregator.wait(seconds)
+    except subprocess.TimeoutExpired:
+        code = None
+    log = {host: (logs / f"{host}.log").read_text() for host in hosts}
+    assert code == 0, log
+    return log
+
+
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     processes: list[subprocess.Popen[bytes]] = []
@@ -129,9 +142,7 @@ def test_sites_on_other_hosts_complete_a_job_over_mutual_tls(
     started.append(fedkube(network, "south", logs / "south.log", "client", "--bundle",
                            str(bundle), "--data", str(tmp_path / "south")))
 
-    code = aggregator.wait(180)
-    log = {name: (logs / f"{name}.log").read_text() for name in ("aggregator", "north", "south")}
-    assert code == 0, log
+    log = job_logs(aggregator, logs, ("aggregator", "north", "south"), 180)
     history = yaml.safe_load((tmp_path / "output" / "history.json").read_text())
     assert [(entry["round"], entry["clients"]) for entry in history] == [(1, 2), (2, 2)]
     assert history[-1]["federated_evaluation"]["clients"] == 2
@@ -193,12 +204,7 @@ def test_a_site_on_a_slow_link_takes_part_though_its_download_outlasts_a_poll(
     started.append(fedkube(network, "north", logs / "north.log", "client", "--config",
                            str(config), "--index", "0", "--tls-dir", str(tmp_path / "client")))
 
-    try:
-        code = aggregator.wait(220)
-    except subprocess.TimeoutExpired:
-        code = None
-    log = {name: (logs / f"{name}.log").read_text() for name in ("aggregator", "north")}
-    assert code == 0, log
+    log = job_logs(aggregator, logs, ("aggregator", "north"), 220)
     history = yaml.safe_load((tmp_path / "output" / "history.json").read_text())
     assert [(entry["round"], entry["clients"]) for entry in history] == [(1, 1)]
     assert "lost the aggregator" not in log["north"], log["north"]
@@ -242,12 +248,7 @@ def _job_with_cuts(network: Network, folder: Path, started: list[subprocess.Pope
         subprocess.run([*network.run_in(rng.choice(CHAOS_SITES)), "ss", "-K", "dst",
                         network.address("hub")], capture_output=True, check=True)
         made += 1
-    try:
-        code = aggregator.wait(300)
-    except subprocess.TimeoutExpired:
-        code = None
-    log = {name: (logs / f"{name}.log").read_text() for name in ("aggregator", *CHAOS_SITES)}
-    assert code == 0, log
+    log = job_logs(aggregator, logs, ("aggregator", *CHAOS_SITES), 300)
     model = torch.load(folder / "output" / "model.pt", weights_only=True)
     history = json.loads((folder / "output" / "history.json").read_text())
     return model, history, log, made
